@@ -1,0 +1,101 @@
+"""Caller parameters → requests: defaults from the variant spec, and clear refusals."""
+
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+
+from zimage_platform.errors import InvalidRequest
+from zimage_platform.pipeline.buckets import BucketSet, Resolution
+from zimage_platform.pipeline.params import GenerationParams, resolve_requests
+
+
+def resolve(config, variant="turbo", **kw):
+    return resolve_requests(GenerationParams(**kw), config.variant(variant), config.buckets_for(variant))
+
+
+def refusal(config, variant="turbo", **kw) -> InvalidRequest:
+    with pytest.raises(InvalidRequest) as err:
+        resolve(config, variant, **kw)
+    return err.value
+
+
+def test_turbo_defaults_come_from_the_spec(config):
+    (r,) = resolve(config, prompt="a cat", seed=5)
+    assert (r.steps, r.guidance, r.shift, r.sampler) == (8, 0.0, 3.0, "euler")
+    assert r.size == Resolution(256, 256) and not r.cfg and r.init_image is None
+
+
+def test_base_uses_cfg_and_the_default_negative_prompt(config):
+    (r,) = resolve(config, "base", prompt="a cat", seed=5)
+    assert r.cfg and r.guidance == 4.0 and r.steps == 28 and "blurry" in r.negative_prompt
+
+
+def test_n_expands_to_consecutive_seeds(config):
+    rs = resolve(config, prompt="a cat", seed=100, n=3)
+    assert [r.seed for r in rs] == [100, 101, 102]
+    assert len({r.request_id for r in rs}) == 3
+
+
+def test_unsupported_size_lists_every_bucket(config):
+    err = refusal(config, prompt="x", size="1000x1000")
+    assert err.code == "unsupported_size" and err.param == "size"
+    assert "1024x1024" in err.choices and "576x1344" in err.choices and "64x64" in err.choices
+    assert len(err.choices) == 15
+    assert refusal(config, prompt="x", size="big").code == "invalid_size"
+
+
+def test_unknown_sampler_names_the_supported_ones(config):
+    err = refusal(config, prompt="x", sampler="dpmpp_sde")
+    assert err.code == "unsupported_sampler" and err.choices == ["euler", "dpmpp_2m", "unipc"]
+
+
+@pytest.mark.parametrize(
+    ("kw", "code"),
+    [
+        ({"steps": 0}, "steps_out_of_range"),
+        ({"steps": 17}, "steps_out_of_range"),
+        ({"guidance": 11.0}, "guidance_out_of_range"),
+        ({"seed": -1}, "seed_out_of_range"),
+        ({"n": 0}, "n_out_of_range"),
+        ({"n": 17}, "n_out_of_range"),
+        ({"shift": 0}, "shift_out_of_range"),
+    ],
+)
+def test_out_of_range_values(config, kw, code):
+    assert refusal(config, prompt="x", **kw).code == code
+
+
+def test_prompt_checks(config):
+    assert refusal(config, prompt="   ").code == "prompt_empty"
+    assert refusal(config, prompt="x" * 9000).code == "prompt_too_long"
+    (r,) = resolve(config, prompt="一只小猫坐在窗台上，阳光洒在它的毛发上", seed=1)
+    assert r.prompt.startswith("一只小猫")
+
+
+def test_edit_needs_an_image_and_takes_strength(config):
+    assert refusal(config, "edit", prompt="make it night").code == "image_required"
+    image = Image.new("RGBA", (100, 80))
+    (r,) = resolve(config, "edit", prompt="make it night", image=image, seed=1)
+    assert r.strength == 0.6 and r.init_image.mode == "RGB" and r.batch_key().strength == 0.6
+    assert refusal(config, "edit", prompt="x", image=image, strength=1.5).code == "strength_out_of_range"
+    assert refusal(config, "edit", prompt="x", image=image, strength=0.01, steps=8).code == "strength_too_low"
+
+
+def test_hires_fix_validation(config):
+    (r,) = resolve(config, prompt="x", size="512x512", hires_from="256x256", seed=1)
+    assert r.hires.base_size == Resolution(256, 256) and r.hires.denoise == 0.5
+    err = refusal(config, prompt="x", size="256x256", hires_from="512x512")
+    assert err.code == "hires_not_smaller" and "128x128" in err.choices and "512x512" not in err.choices
+    assert refusal(config, prompt="x", size="512x512", hires_from="300x300").code == "unsupported_size"
+    assert (
+        refusal(config, prompt="x", size="512x512", hires_from="256x256", image=Image.new("RGB", (8, 8))).code
+        == "hires_with_image"
+    )
+
+
+def test_bucket_set_rejects_sizes_the_model_cannot_draw():
+    with pytest.raises(ValueError, match="multiple of 16"):
+        BucketSet(["1000x1000"])
+    with pytest.raises(ValueError, match="duplicate"):
+        BucketSet(["64x64", "64X64"])

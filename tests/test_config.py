@@ -1,0 +1,74 @@
+"""Config: YAML + environment, one schema for every variant spec."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from zimage_platform.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_specs_load_from_the_engines_folder(config):
+    assert set(config.variants) == {"turbo", "base", "edit"}
+    assert config.variant("edit").mode == "img2img"
+    assert config.engine.backend == "onnxruntime"
+
+
+def test_environment_beats_the_file_and_overrides_beat_both(tmp_path: Path, monkeypatch):
+    file = tmp_path / "platform.yaml"
+    file.write_text(f"paths:\n  engines_dir: {REPO / 'engines'}\nengine:\n  backend: torch\n  threads: 3\n")
+    assert load_config(file).engine.backend == "torch"
+    monkeypatch.setenv("ZIMAGE_ENGINE__BACKEND", "tensorrt")
+    cfg = load_config(file)
+    assert cfg.engine.backend == "tensorrt" and cfg.engine.threads == 3
+    assert load_config(file, engine={"backend": "onnxruntime"}).engine.backend == "onnxruntime"
+    monkeypatch.setenv("ZIMAGE_CONFIG", str(file))
+    assert load_config().engine.threads == 3
+
+
+def test_inline_variants_replace_the_folder(tmp_path: Path):
+    cfg = load_config(
+        variants={"turbo": {"name": "turbo", "checkpoint": "s3://models/z-image-turbo", "precision": "bf16"}},
+        paths={"engines_dir": str(tmp_path)},
+    )
+    assert list(cfg.variants) == ["turbo"] and cfg.variant("turbo").precision == "bf16"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"engine": {"backend": "tvm"}}, "backend"),
+        ({"buckets": ["1000x1000"]}, "multiple of 16"),
+        ({"variants": {"turbo": {"name": "turbo", "defaults": {"steps": 99}}}}, "outside"),
+        (
+            {"variants": {"turbo": {"name": "turbo", "buckets": ["64x64"], "defaults": {"size": "128x128"}}}},
+            "default size",
+        ),
+        (
+            {"variants": {"turbo": {"name": "turbo", "buckets": ["32x32"], "defaults": {"size": "32x32"}}}},
+            "not in the platform",
+        ),
+        ({"variants": {"turbo": {"name": "turbo", "defaults": {"size": "32x32"}}}}, "not in the platform"),
+        ({"variants": {"turbo": {"name": "other"}}}, "does not match"),
+        ({"engine": {"no_such_key": 1}}, "no_such_key"),
+    ],
+)
+def test_invalid_config_is_refused_with_the_reason(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(**overrides)
+
+
+def test_unknown_variant_lists_the_valid_ones(config):
+    from zimage_platform.errors import InvalidRequest
+
+    with pytest.raises(InvalidRequest) as err:
+        config.variant("ultra")
+    assert err.value.code == "unknown_variant" and err.value.choices == ["base", "edit", "turbo"]
+
+
+def test_missing_config_file_is_an_error(tmp_path: Path):
+    with pytest.raises(FileNotFoundError):
+        load_config(tmp_path / "nope.yaml")
