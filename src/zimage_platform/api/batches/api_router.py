@@ -1,0 +1,47 @@
+"""HTTP routes of bulk batches: upload a CSV/JSONL with a template; follow counts and rows."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Query, UploadFile
+
+from zimage_platform.api.batches import serving
+from zimage_platform.api.batches.protocol import Batch, BatchRequest
+from zimage_platform.api.body import parse_model
+from zimage_platform.api.deps import Services, Tenant, Trace
+from zimage_platform.errors import InvalidRequest
+
+router = APIRouter(prefix="/v1/batches", tags=["batches"])
+
+
+@router.post("", status_code=202, response_model=Batch)
+async def create_batch(
+    services: Services,
+    tenant: Tenant,
+    trace: Trace,
+    file: Annotated[UploadFile, File(description="CSV (header row) or JSONL (.jsonl), one image request per row.")],
+    request: Annotated[str, Form(description="BatchRequest as JSON: template, defaults, webhook_url.")] = "{}",
+) -> dict:
+    try:
+        parsed = parse_model(BatchRequest, json.loads(request))
+    except ValueError:
+        raise InvalidRequest("request is not valid JSON", code="invalid_json", param="request") from None
+    limit = services.config.limits.max_body_bytes
+    data = await file.read(limit + 1)
+    if len(data) > limit:
+        raise InvalidRequest(f"the file is larger than {limit} bytes", code="batch_too_large", param="file")
+    return await serving.create_batch(services, tenant, parsed, data, file.filename or "rows.csv", trace)
+
+
+@router.get("/{batch_id}", response_model=Batch)
+async def get_batch(
+    batch_id: str,
+    services: Services,
+    tenant: Tenant,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+) -> dict:
+    """Counts by status, rejected rows with line numbers, per-row status, and the result manifest."""
+    return serving.get_batch(services, tenant, batch_id, offset, limit)

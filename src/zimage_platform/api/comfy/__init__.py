@@ -1,0 +1,1 @@
+"""ComfyUI-compatible HTTP and WebSocket API (routes, wire shapes, serving logic)."""

@@ -1,0 +1,277 @@
+"""HTTP and WebSocket routes of the ComfyUI-compatible API (also under ``/api``, as ComfyUI).
+
+The tenant's key comes as ``Authorization: Bearer``, ``X-API-Key``, or — for unmodified
+clients that cannot add headers — a path prefix: ``/comfy/<key>/prompt``,
+``ws://host/comfy/<key>/ws``. :class:`ComfyKeyPrefix` turns the prefix into an ``X-API-Key``
+header before routing, so the key never reaches route names, metrics or trace attributes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response, WebSocket
+from starlette.datastructures import UploadFile
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from zimage_platform.api import deps
+from zimage_platform.api.comfy import protocol
+from zimage_platform.api.comfy.protocol import ComfyError, ComfyJSONResponse
+from zimage_platform.api.comfy.serving import ComfyService, convert_view
+from zimage_platform.api.deps import Trace
+from zimage_platform.errors import PlatformError
+from zimage_platform.telemetry.tracing import span
+from zimage_platform.tenancy import TenantSpec
+
+router = APIRouter(tags=["comfyui"], default_response_class=ComfyJSONResponse)
+
+#: First path segments of the ComfyUI routes (what a ``/comfy/<key>/`` prefix may precede).
+COMFY_ROOTS = frozenset(
+    {"prompt", "queue", "history", "interrupt", "view", "upload", "object_info", "system_stats"}
+    | {"embeddings", "models", "features", "ws", "api"}
+)
+_PREFIX = re.compile(r"^/comfy/([^/]+)(/.*)$")
+
+
+class ComfyKeyPrefix:
+    """``/comfy/<key>/<route>`` → ``/<route>`` with the key as ``X-API-Key`` (HTTP and WebSocket)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            # Behind a route prefix (Ray Serve's, a proxy's) the path starts with the root path.
+            root, path = scope.get("root_path", ""), scope.get("path", "")
+            mounted = bool(root) and path.startswith(root)
+            match = _PREFIX.match(path[len(root) :] if mounted else path)
+            if match and match.group(2).split("/")[1] in COMFY_ROOTS:
+                key, rest = match.group(1), (root if mounted else "") + match.group(2)
+                headers = [(k, v) for k, v in scope["headers"] if k != b"x-api-key"]
+                if not any(k == b"authorization" for k, _ in headers):
+                    headers.append((b"x-api-key", key.encode("latin-1")))
+                scope = {**scope, "path": rest, "raw_path": rest.encode(), "headers": headers}
+        await self.app(scope, receive, send)
+
+
+def comfy(request: Request) -> ComfyService:
+    return _service(request.app)
+
+
+def _service(app) -> ComfyService:
+    service = getattr(app.state, "comfy", None)
+    if service is None:
+        service = app.state.comfy = ComfyService(app.state.services)
+    return service
+
+
+def comfy_tenant(
+    request: Request,
+    authorization: Annotated[str | None, Header()] = None,
+    x_api_key: Annotated[str | None, Header()] = None,
+) -> TenantSpec:
+    """The platform's tenant check, refusing in ComfyUI's error shape (401/403/429)."""
+    try:
+        return deps.tenant(request, authorization, x_api_key)
+    except PlatformError as exc:
+        raise ComfyError.from_platform(exc) from None
+
+
+Comfy = Annotated[ComfyService, Depends(comfy)]
+Tenant = Annotated[TenantSpec, Depends(comfy_tenant)]
+
+
+async def _json(request: Request, *, empty_ok: bool = False) -> Any:
+    raw = await request.body()
+    if not raw.strip() and empty_ok:
+        return {}
+    try:
+        return json.loads(raw)
+    except ValueError:
+        raise ComfyError.of(400, "invalid_json", "The request body is not valid JSON.") from None
+
+
+def _ids(value: Any, name: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ComfyError.of(400, "invalid_request", f"{name} must be a list of prompt ids", name)
+    return value
+
+
+@router.get("/prompt")
+async def get_prompt(service: Comfy, tenant: Tenant) -> dict:
+    return protocol.queue_info(await service.remaining(tenant))
+
+
+@router.post("/prompt")
+async def post_prompt(request: Request, service: Comfy, tenant: Tenant, trace: Trace) -> dict:
+    """Queue an API-format graph: ``{prompt, client_id?, prompt_id?, extra_data?, number?, front?}``."""
+    body = await _json(request)
+    with span("comfy.prompt", tenant=tenant.id):
+        return await service.queue_prompt(tenant, body, trace)
+
+
+@router.get("/queue")
+async def get_queue(service: Comfy, tenant: Tenant) -> dict:
+    return await service.queue_body(tenant)
+
+
+@router.post("/queue")
+async def post_queue(request: Request, service: Comfy, tenant: Tenant) -> Response:
+    """``{"clear": true}`` and/or ``{"delete": [prompt_id, ...]}``: pending prompts only."""
+    body = await _json(request)
+    if isinstance(body, dict) and body.get("clear"):
+        await service.delete_from_queue(tenant, None)
+    if isinstance(body, dict) and "delete" in body:
+        await service.delete_from_queue(tenant, _ids(body["delete"], "delete"))
+    return Response(status_code=200)
+
+
+@router.get("/history")
+async def get_history(
+    service: Comfy,
+    tenant: Tenant,
+    max_items: Annotated[int | None, Query(ge=0)] = None,
+    offset: Annotated[int | None, Query()] = None,
+) -> dict:
+    return await service.history(tenant, max_items=max_items, offset=offset)
+
+
+@router.get("/history/{prompt_id}")
+async def get_history_prompt(prompt_id: str, service: Comfy, tenant: Tenant) -> dict:
+    """``{}`` until the prompt has finished (or for an id this tenant does not have)."""
+    return await service.history(tenant, prompt_id)
+
+
+@router.post("/history")
+async def post_history(request: Request, service: Comfy, tenant: Tenant) -> Response:
+    body = await _json(request)
+    if isinstance(body, dict) and body.get("clear"):
+        await service.delete_history(tenant, None)
+    if isinstance(body, dict) and "delete" in body:
+        await service.delete_history(tenant, _ids(body["delete"], "delete"))
+    return Response(status_code=200)
+
+
+@router.post("/interrupt")
+async def post_interrupt(request: Request, service: Comfy, tenant: Tenant) -> Response:
+    """No body: stop the tenant's running prompts; ``{"prompt_id"}``: only that one, if running."""
+    body = await _json(request, empty_ok=True)
+    prompt_id = body.get("prompt_id") if isinstance(body, dict) else None
+    await service.interrupt(tenant, prompt_id or None)
+    return Response(status_code=200)
+
+
+@router.get("/view")
+async def view(
+    service: Comfy,
+    tenant: Tenant,
+    filename: str | None = None,
+    subfolder: str = "",
+    type: str = "output",
+    preview: str | None = None,
+    channel: str | None = None,
+) -> Response:
+    """A file by ComfyUI name, from S3: the tenant's uploads and generated images only."""
+    if not filename:
+        return Response(status_code=404)
+    if filename.startswith("/") or ".." in filename or ".." in subfolder.split("/"):
+        return Response(status_code=400)
+    found = await service.view(tenant, filename.rsplit("/", 1)[-1], subfolder, type)
+    if found is None:
+        return Response(status_code=404)
+    data, name = found
+    body, media_type = convert_view(data, name, preview, channel)
+    return Response(body, media_type=media_type, headers={"Content-Disposition": f'filename="{name}"'})
+
+
+@router.post("/upload/image")
+async def upload_image(request: Request, service: Comfy, tenant: Tenant) -> dict:
+    """Multipart ``image`` (+ ``type``, ``subfolder``, ``overwrite``): PNG, JPEG or WebP within the
+    platform's input-image limits; the same name with other bytes becomes ``name (1).png``."""
+    limit = service.services.config.limits.max_input_image_bytes
+    try:
+        form = await request.form(max_files=1, max_fields=16, max_part_size=limit + 1024)
+    except Exception as exc:  # malformed multipart, or a part over the limit
+        raise ComfyError.of(400, "invalid_upload", f"the upload could not be read: {exc}") from None
+    upload = form.get("image")
+    if not isinstance(upload, UploadFile) or not upload.filename:
+        raise ComfyError.of(400, "image_missing", "the form has no image file field", "image")
+    data = await upload.read(limit + 1)
+    if len(data) > limit:
+        raise ComfyError(413, protocol.error_body("image_too_large", f"image is larger than {limit} bytes", "image"))
+    overwrite = str(form.get("overwrite", "")).lower() in ("true", "1")
+    return await service.upload(
+        tenant,
+        data,
+        upload.filename,
+        str(form.get("type") or "input"),
+        str(form.get("subfolder") or ""),
+        overwrite,
+    )
+
+
+@router.get("/object_info")
+async def get_object_info(service: Comfy, tenant: Tenant) -> dict:
+    """The supported node classes, with the model names and uploaded images this tenant has."""
+    return await service.object_info(tenant)
+
+
+@router.get("/object_info/{node_class}")
+async def get_object_info_node(node_class: str, service: Comfy, tenant: Tenant) -> dict:
+    return await service.object_info(tenant, node_class)
+
+
+@router.get("/system_stats")
+async def get_system_stats(service: Comfy, tenant: Tenant) -> dict:
+    return await service.system_stats()
+
+
+@router.get("/features")
+async def get_features(service: Comfy, tenant: Tenant) -> dict:
+    return service.features()
+
+
+@router.get("/embeddings")
+async def get_embeddings(tenant: Tenant) -> list:
+    return []
+
+
+@router.get("/models")
+async def get_model_folders(tenant: Tenant) -> list:
+    from zimage_platform.workflows.catalog import MODEL_FOLDERS
+
+    return list(MODEL_FOLDERS)
+
+
+@router.get("/models/{folder}", response_model=None)
+async def get_models(folder: str, service: Comfy, tenant: Tenant) -> list | Response:
+    names = await service.models(tenant, folder)
+    return Response(status_code=404) if names is None else names
+
+
+@router.websocket("/ws")
+async def websocket(websocket: WebSocket, clientId: str | None = None) -> None:
+    """``status`` on connect, then the execution messages of this client's prompts."""
+    service = _service(websocket.app)
+    key = deps.api_key_from(websocket.headers.get("authorization"), websocket.headers.get("x-api-key"))
+    try:
+        tenant = service.services.tenants.authenticate(key)
+    except PlatformError as exc:
+        await websocket.close(code=1008, reason=f"{exc.code}: {exc.message}"[:120])
+        return
+    await service.serve_socket(websocket, tenant, clientId or None)
+
+
+async def _comfy_error(_: Request, exc: ComfyError) -> ComfyJSONResponse:
+    return ComfyJSONResponse(exc.body, status_code=exc.status, headers=exc.headers)
+
+
+def install(app: FastAPI) -> None:
+    """Mount the routes (bare and under ``/api``), their error shape and the key prefix.
+    Call last: the prefix rewrite must run before every other middleware sees the path."""
+    app.include_router(router)
+    app.include_router(router, prefix="/api", include_in_schema=False)
+    app.add_exception_handler(ComfyError, _comfy_error)
+    app.add_middleware(ComfyKeyPrefix)

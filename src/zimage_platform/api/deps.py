@@ -1,0 +1,48 @@
+"""FastAPI dependencies: the platform services, the caller's tenant, the trace context."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Header, Request
+
+from zimage_platform.api.services import PlatformServices
+from zimage_platform.telemetry.context import RequestTrace
+from zimage_platform.telemetry.tracing import span
+from zimage_platform.tenancy import TenantSpec
+
+
+def services(request: Request) -> PlatformServices:
+    return request.app.state.services
+
+
+def api_key_from(authorization: str | None, x_api_key: str | None) -> str | None:
+    if x_api_key:
+        return x_api_key.strip()
+    if authorization and authorization.lower().startswith("bearer "):
+        return authorization[7:].strip()
+    return None
+
+
+def tenant(
+    request: Request,
+    authorization: Annotated[str | None, Header()] = None,
+    x_api_key: Annotated[str | None, Header()] = None,
+) -> TenantSpec:
+    """The caller's tenant: 401 without a valid key, 403 when suspended, 429 over its request rate."""
+    services: PlatformServices = request.app.state.services
+    with span("auth"):
+        found = services.tenants.authenticate(api_key_from(authorization, x_api_key))
+    request.state.tenant_id = found.id
+    with span("rate_limit", tenant=found.id, backend=services.rate_limiter.backend):
+        request.state.rate = services.rate_limiter.check_request(found.id, found.limits.requests_per_minute)
+    return found
+
+
+def trace(request: Request) -> RequestTrace:
+    return RequestTrace.current()
+
+
+Services = Annotated[PlatformServices, Depends(services)]
+Tenant = Annotated[TenantSpec, Depends(tenant)]
+Trace = Annotated[RequestTrace, Depends(trace)]

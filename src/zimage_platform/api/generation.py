@@ -1,0 +1,237 @@
+"""Serving logic every generation endpoint shares: caller parameters → a durable job, job → view.
+
+The native jobs API, the OpenAI images API, bulk batches and (later) the ComfyUI compiler all
+turn their wire formats into :class:`GenerationParams` and call :func:`prepare_job`, so a size,
+sampler or image is validated the same way wherever it comes from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+
+from zimage_platform.api.services import PlatformServices
+from zimage_platform.errors import InvalidRequest, PlatformError
+from zimage_platform.netsafe import IMAGE_URLS
+from zimage_platform.pipeline.images import ImageLimits, decode_image
+from zimage_platform.pipeline.params import GenerationParams, resolve_requests
+from zimage_platform.scheduling.models import JobRow
+from zimage_platform.scheduling.store import NewJob, new_id
+from zimage_platform.telemetry.context import RequestTrace
+from zimage_platform.tenancy import TenantSpec
+from zimage_platform.tenancy.policy import PolicyViolation
+
+
+def request_hash(body: Any, image: bytes | None = None) -> str:
+    """What makes two submissions "the same request" for Idempotency-Key purposes."""
+    digest = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), default=str).encode())
+    if image is not None:
+        digest.update(hashlib.sha256(image).digest())
+    return digest.hexdigest()
+
+
+def image_limits(services: PlatformServices) -> ImageLimits:
+    limits = services.config.limits
+    return ImageLimits(max_bytes=limits.max_input_image_bytes, max_pixels=limits.max_input_image_pixels)
+
+
+async def fetch_image_url(services: PlatformServices, tenant: TenantSpec, url: str) -> bytes:
+    """Bytes of an input image named by URL: the tenant's own S3 objects, or a public http(s) URL."""
+    limits = services.config.limits
+    if url.startswith("s3://"):
+        bucket, _, key = url.removeprefix("s3://").partition("/")
+        prefix = f"tenants/{tenant.id}/"
+        # Isolation: another tenant's object (or another bucket) is simply not found.
+        if bucket != services.results.bucket or not key.startswith(prefix):
+            raise InvalidRequest(f"no object {url}", code="image_url_not_found", param="image_url")
+        return services.results.get_bytes(key)
+    await IMAGE_URLS.validate_async(url, allow_private=limits.allow_private_urls)
+    try:
+        async with services.http.stream("GET", url, timeout=15.0, follow_redirects=False) as response:
+            if response.status_code != 200:
+                raise InvalidRequest(
+                    f"fetching {url} answered HTTP {response.status_code}",
+                    code="image_url_unreachable",
+                    param="image_url",
+                )
+            declared = int(response.headers.get("content-length") or 0)
+            if declared > limits.max_input_image_bytes:
+                raise InvalidRequest("the image is larger than the limit", code="image_too_large", param="image_url")
+            data = bytearray()
+            async for chunk in response.aiter_bytes():
+                data += chunk
+                if len(data) > limits.max_input_image_bytes:
+                    raise InvalidRequest(
+                        "the image is larger than the limit", code="image_too_large", param="image_url"
+                    )
+            return bytes(data)
+    except httpx.HTTPError as exc:
+        raise InvalidRequest(f"cannot fetch {url}: {exc}", code="image_url_unreachable", param="image_url") from exc
+
+
+def store_input_image(services: PlatformServices, tenant: TenantSpec, data: bytes, *, param: str = "image"):
+    """Validate (format, bytes, declared pixels) and keep the input where every replica can read it."""
+    image = decode_image(data, image_limits(services), param=param)
+    key = f"tenants/{tenant.id}/inputs/{datetime.now(UTC):%Y/%m/%d}/{uuid.uuid4().hex}"
+    services.results.put_bytes(key, data, "application/octet-stream", {"tenant-id": tenant.id})
+    return image, key
+
+
+def prepare_job(
+    services: PlatformServices,
+    tenant: TenantSpec,
+    variant: str,
+    params: GenerationParams,
+    *,
+    source: str,
+    trace: RequestTrace,
+    input_key: str | None = None,
+    idempotency_key: str | None = None,
+    body_hash: str | None = None,
+    webhook_url: str | None = None,
+    batch_id: str | None = None,
+    batch_row: int | None = None,
+) -> NewJob:
+    """Validate everything now (nothing invalid is ever queued) and describe the job to write."""
+    config = services.config
+    spec = config.variant(variant)
+    if tenant.limits.allowed_variants and variant not in tenant.limits.allowed_variants:
+        raise InvalidRequest(
+            f"variant {variant!r} is not enabled for this tenant",
+            code="variant_not_allowed",
+            param="variant",
+            choices=tenant.limits.allowed_variants,
+        )
+    requests = resolve_requests(
+        params, spec, config.buckets_for(variant), max_prompt_chars=config.limits.max_prompt_chars
+    )
+    if len(requests) > config.limits.max_images_per_request:
+        raise InvalidRequest(
+            f"n must be at most {config.limits.max_images_per_request}", code="n_out_of_range", param="n"
+        )
+    first = requests[0]
+    if tenant.limits.max_pixels is not None and first.size.pixels > tenant.limits.max_pixels:
+        allowed = [str(b) for b in config.buckets_for(variant) if b.pixels <= tenant.limits.max_pixels]
+        raise InvalidRequest(
+            f"{first.size} is above this tenant's resolution limit",
+            code="size_not_allowed",
+            param="size",
+            choices=allowed,
+        )
+    policy = services.policies.for_tenant(tenant.id, tenant.policy)
+    for param, text in (("prompt", first.prompt), ("negative_prompt", first.negative_prompt)):
+        hit = policy.match(text)
+        if hit is not None:
+            # Recorded for review (rule id, never the prompt itself); nothing is queued or billed.
+            services.audit.record(
+                "policy.blocked",
+                actor=f"tenant:{tenant.id}",
+                tenant_id=tenant.id,
+                rule_id=hit.rule_id,
+                param=param,
+                source=source,
+                trace_id=trace.trace_id,
+            )
+            raise PolicyViolation(f"the request was blocked by content policy rule {hit.rule_id}", param=param)
+    if webhook_url is not None:
+        from zimage_platform.scheduling.webhooks import validate_webhook_url
+
+        validate_webhook_url(webhook_url, allow_private=config.webhooks.allow_private)
+    kind = "edit" if first.init_image is not None else "hires" if first.hires is not None else "text2img"
+    job_params: dict[str, Any] = {
+        "prompt": first.prompt,
+        "negative_prompt": first.negative_prompt,
+        "size": str(first.size),
+        "steps": first.steps,
+        "guidance": first.guidance,
+        "sampler": first.sampler,
+        "shift": first.shift,
+        "trace_context": dict(trace.carrier),
+    }
+    if input_key is not None:
+        job_params.update(input_key=input_key, strength=first.strength)
+    if first.hires is not None:
+        job_params.update(hires_from=str(first.hires.base_size), hires_denoise=first.hires.denoise)
+    return NewJob(
+        id=new_id("job"),
+        tenant_id=tenant.id,
+        variant=variant,
+        kind=kind,
+        params=job_params,
+        seeds=[r.seed for r in requests],
+        priority_class=tenant.priority_class,
+        plan=tenant.plan,
+        source=source,
+        idempotency_key=idempotency_key,
+        request_hash=body_hash,
+        webhook_url=webhook_url,
+        batch_id=batch_id,
+        batch_row=batch_row,
+        trace_id=trace.trace_id,
+        max_concurrent_jobs=tenant.limits.concurrent_jobs,
+        monthly_images=tenant.limits.monthly_images,
+    )
+
+
+async def submit(services: PlatformServices, tenant: TenantSpec, job: NewJob) -> tuple[JobRow, bool]:
+    """Images-per-minute limit, then the scheduler's admission (queue bound, concurrency, quota).
+    A replayed Idempotency-Key returns its job without spending the tenant's limits again."""
+    if job.idempotency_key and (existing := services.store.find_idempotent(job)) is not None:
+        return existing, False
+    services.rate_limiter.check_images(tenant.id, tenant.limits.images_per_minute, len(job.seeds))
+    job_id, created = await services.scheduler.submit(job)
+    return services.store.get(job_id, job.tenant_id), created
+
+
+def job_view(services: PlatformServices, row: JobRow, *, presign: bool = True) -> dict[str, Any]:
+    """The job as callers see it: status, per-image presigned URLs, seeds, timings, errors."""
+    params = {k: v for k, v in row.params.items() if k not in ("trace_context", "input_key")}
+    images = []
+    for image in row.images:
+        url = (
+            services.results.presign_get(image.s3_key) if presign and image.status == "done" and image.s3_key else None
+        )
+        images.append(
+            {
+                "index": image.index,
+                "seed": image.seed,
+                "status": image.status,
+                "url": url,
+                "sha256": image.sha256,
+                "size_bytes": image.size_bytes,
+                "batch_size": image.batch_size,
+                "timings": image.timings,
+                "error_code": image.error_code,
+            }
+        )
+    return {
+        "id": row.id,
+        "object": "job",
+        "status": row.status,
+        "variant": row.variant,
+        "kind": row.kind,
+        "priority_class": row.priority_class,
+        "n": row.n,
+        "params": params,
+        "images": images,
+        "created_at": row.created_at,
+        "started_at": row.started_at,
+        "finished_at": row.finished_at,
+        "attempts": row.attempts,
+        "trace_id": row.trace_id,
+        "batch_id": row.batch_id,
+        "error": {"code": row.error_code, "message": row.error_message} if row.error_code else None,
+    }
+
+
+def raise_for_failed(row: JobRow) -> None:
+    """Synchronous endpoints answer a failed job with the job's own reason."""
+    if row.status == "failed":
+        raise PlatformError(row.error_message or "generation failed", code=row.error_code or "generation_failed")
+    if row.status == "cancelled":
+        raise PlatformError("the request was cancelled", code=row.error_code or "cancelled")

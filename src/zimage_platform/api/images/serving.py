@@ -1,0 +1,113 @@
+"""Serving logic of the OpenAI-compatible images endpoints: a job, waited for."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from typing import Any
+
+from zimage_platform.api.generation import (
+    job_view,
+    prepare_job,
+    raise_for_failed,
+    request_hash,
+    store_input_image,
+    submit,
+)
+from zimage_platform.api.images.protocol import ImageGenerationRequest
+from zimage_platform.api.services import PlatformServices
+from zimage_platform.errors import InvalidRequest, PlatformError
+from zimage_platform.pipeline.params import GenerationParams
+from zimage_platform.telemetry.context import RequestTrace
+from zimage_platform.tenancy import TenantSpec
+
+#: OpenAI-style model names for the variants (the bare variant names work too).
+MODEL_ALIASES = {"z-image-turbo": "turbo", "z-image-base": "base", "z-image-edit": "edit"}
+
+
+class ModelNotFound(PlatformError):
+    code = "model_not_found"
+    status = 404
+
+
+class GenerationTimeout(PlatformError):
+    code = "generation_timeout"
+    status = 504
+
+
+def variant_for(services: PlatformServices, model: str | None, variant: str | None) -> str:
+    name = variant or MODEL_ALIASES.get(model or "z-image-turbo", model or "turbo")
+    if name not in services.config.variants:
+        models = sorted(
+            [*(a for a, v in MODEL_ALIASES.items() if v in services.config.variants), *services.config.variants]
+        )
+        raise ModelNotFound(f"the model {model or name!r} does not exist", param="model", choices=models)
+    return name
+
+
+async def generate(
+    services: PlatformServices,
+    tenant: TenantSpec,
+    request: ImageGenerationRequest,
+    trace: RequestTrace,
+    *,
+    image: bytes | None = None,
+    strength: float | None = None,
+) -> dict[str, Any]:
+    variant = variant_for(services, request.model, request.variant)
+    input_image, input_key = store_input_image(services, tenant, image) if image is not None else (None, None)
+    params = GenerationParams(
+        prompt=request.prompt,
+        size=None if request.size in (None, "auto") else request.size,
+        n=request.n,
+        seed=request.seed,
+        steps=request.steps,
+        guidance=request.guidance,
+        negative_prompt=request.negative_prompt,
+        sampler=request.sampler,
+        shift=request.shift,
+        image=input_image,
+        strength=strength,
+    )
+    source = "openai"
+    job = prepare_job(
+        services,
+        tenant,
+        variant,
+        params,
+        source=source,
+        trace=trace,
+        input_key=input_key,
+        body_hash=request_hash(request.model_dump(mode="json"), image),
+    )
+    row, _ = await submit(services, tenant, job)
+    try:
+        await services.scheduler.wait(row.id, services.config.limits.sync_timeout_s)
+    except TimeoutError:
+        raise GenerationTimeout(
+            f"the images were not ready within {services.config.limits.sync_timeout_s:.0f}s; "
+            f"job {row.id} goes on: GET /v1/jobs/{row.id}",
+            param=row.id,
+        ) from None
+    row = services.store.get(row.id, tenant.id)
+    raise_for_failed(row)
+    view = job_view(services, row, presign=request.response_format == "url")
+    data = []
+    for image_row, image_view in zip(row.images, view["images"], strict=True):
+        item: dict[str, Any] = {"seed": image_row.seed}
+        if request.response_format == "url":
+            item["url"] = image_view["url"]
+        else:
+            png = await asyncio.to_thread(services.results.get_bytes, image_row.s3_key)
+            item["b64_json"] = base64.b64encode(png).decode()
+        data.append(item)
+    return {"created": int(row.created_at.timestamp()), "data": data, "job_id": row.id}
+
+
+def edit_strength(value: str | None) -> float | None:
+    if value in (None, ""):
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise InvalidRequest("strength must be a number", code="invalid_parameter", param="strength") from None

@@ -1,0 +1,56 @@
+"""Hash chains for tamper-evident, append-only tables (admin audit log, billing ledger).
+
+Each chain (``audit``, ``ledger:<tenant>``) has a head row holding its last sequence number
+and hash. Appending locks the head (``SELECT ... FOR UPDATE`` on PostgreSQL; SQLite serialises
+writers anyway), so concurrent writers on several replicas still produce one unbroken chain.
+A row's hash covers its canonical content and the previous row's hash: changing, removing or
+reordering any row breaks every hash after it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import Integer, String, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Mapped, Session, mapped_column
+
+from zimage_platform.db.base import Base
+
+GENESIS = "0" * 64
+
+
+class ChainHeadRow(Base):
+    __tablename__ = "chain_heads"
+
+    chain: Mapped[str] = mapped_column(String(96), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, default=0)
+    hash: Mapped[str] = mapped_column(String(64), default=GENESIS)
+
+
+def canonical(content: dict[str, Any]) -> bytes:
+    return json.dumps(content, sort_keys=True, separators=(",", ":"), default=str, ensure_ascii=False).encode()
+
+
+def link_hash(prev_hash: str, content: dict[str, Any]) -> str:
+    return hashlib.sha256(prev_hash.encode() + canonical(content)).hexdigest()
+
+
+def append(
+    session: Session, chain: str, content: dict[str, Any] | Callable[[int], dict[str, Any]]
+) -> tuple[int, str, str]:
+    """Reserve the next link of ``chain`` inside the caller's transaction: ``(seq, prev_hash, hash)``.
+
+    ``content`` may be a function of the new sequence number, for rows that hash their own
+    position: it is called only once the head is locked, so the number cannot change under it.
+    """
+    insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    session.execute(insert(ChainHeadRow).values(chain=chain, seq=0, hash=GENESIS).on_conflict_do_nothing())
+    head = session.scalars(select(ChainHeadRow).where(ChainHeadRow.chain == chain).with_for_update()).one()
+    prev, seq = head.hash, head.seq + 1
+    head.seq, head.hash = seq, link_hash(prev, content(seq) if callable(content) else content)
+    return seq, prev, head.hash

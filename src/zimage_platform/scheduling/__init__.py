@@ -1,0 +1,1 @@
+"""Job lifecycle: durable job rows, priority queues, dispatch, retries and webhooks."""

@@ -1,0 +1,34 @@
+"""The scheduler as a :class:`~zimage_platform.api.services.SchedulerClient`, in this process."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from zimage_platform.scheduling.service import SchedulerService
+from zimage_platform.scheduling.store import NewJob
+
+
+class LocalSchedulerClient:
+    def __init__(self, service: SchedulerService) -> None:
+        self.service = service
+
+    async def submit(self, job: NewJob, *, check_queue: bool = True) -> tuple[str, bool]:
+        row, created = await self.service.submit(job, check_queue=check_queue)
+        return row.id, created
+
+    async def submit_many(self, jobs: list[NewJob]) -> list[str]:
+        return [row.id for row in await self.service.submit_many(jobs)]
+
+    async def cancel(self, job_id: str, tenant_id: str) -> None:
+        await self.service.cancel(job_id, tenant_id)
+
+    async def wait(self, job_id: str, timeout_s: float) -> None:
+        await self.service.wait(job_id, timeout_s)
+
+    async def events(self, job_id: str, after: int = 0) -> AsyncIterator[dict[str, Any]]:
+        async for event in self.service.events(job_id, after):
+            yield event
+
+    async def status(self) -> dict[str, Any]:
+        return self.service.status()

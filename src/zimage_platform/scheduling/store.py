@@ -1,0 +1,381 @@
+"""The job store: every state change of a job is a committed row change, made here.
+
+State machine (reason codes on every failure)::
+
+    queued ──claim──▶ running ──finish──▶ succeeded | failed | cancelled
+      │                  │ lease expired (replica lost): back to queued, done images kept
+      └──cancel / deadline──▶ cancelled | failed
+
+Images are the unit of work: a job's image that is ``done`` is never generated or stored
+again; a re-run after a crash lands on the same S3 key (idempotent by job and index).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Engine, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from zimage_platform.billing.ledger import LedgerEntry, append_entry
+from zimage_platform.db import session_factory, utcnow
+from zimage_platform.errors import PlatformError
+from zimage_platform.scheduling.models import TERMINAL, BatchRow, JobImageRow, JobRow, WebhookDeliveryRow
+
+if TYPE_CHECKING:
+    from zimage_platform.config import BillingConfig
+
+
+class IdempotencyConflict(PlatformError):
+    code = "idempotency_conflict"
+    status = 409
+
+
+class JobNotFound(PlatformError):
+    code = "job_not_found"
+    status = 404
+
+
+class JobFinished(PlatformError):
+    code = "job_finished"
+    status = 409
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+@dataclass
+class NewJob:
+    tenant_id: str
+    variant: str
+    kind: str
+    params: dict[str, Any]
+    seeds: list[int]
+    priority_class: str = "standard"
+    plan: str = "standard"
+    source: str = "api"
+    idempotency_key: str | None = None
+    request_hash: str | None = None
+    webhook_url: str | None = None
+    batch_id: str | None = None
+    batch_row: int | None = None
+    trace_id: str | None = None
+    deadline_at: datetime | None = None
+    #: The tenant's admission limits, checked by the scheduler (the one place that sees every job).
+    max_concurrent_jobs: int | None = None
+    monthly_images: int | None = None
+    id: str = field(default_factory=lambda: new_id("job"))
+
+    def row(self, now: datetime) -> JobRow:
+        return JobRow(
+            id=self.id,
+            tenant_id=self.tenant_id,
+            status="queued",
+            kind=self.kind,
+            variant=self.variant,
+            priority_class=self.priority_class,
+            plan=self.plan,
+            params=self.params,
+            n=len(self.seeds),
+            source=self.source,
+            idempotency_key=self.idempotency_key,
+            request_hash=self.request_hash,
+            webhook_url=self.webhook_url,
+            batch_id=self.batch_id,
+            batch_row=self.batch_row,
+            trace_id=self.trace_id,
+            deadline_at=self.deadline_at,
+            attempts=0,
+            cancel_requested=False,
+            created_at=now,
+            images=[JobImageRow(index=i, seed=s, status="pending") for i, s in enumerate(self.seeds)],
+        )
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    s3_key: str
+    sha256: str
+    size_bytes: int
+    timings: list[dict[str, Any]]
+    batch_size: int
+    engine_s: float
+    replica: str | None = None
+
+
+class JobStore:
+    def __init__(self, engine: Engine, billing: BillingConfig | None = None) -> None:
+        from zimage_platform.config import BillingConfig
+
+        self.engine = engine
+        #: Prices for the ledger rows written with delivered images (default: the standard table).
+        self.billing = billing or BillingConfig()
+        self._sessions = session_factory(engine)
+
+    def session(self) -> Session:
+        return self._sessions()
+
+    # -- creation -----------------------------------------------------------------------
+
+    def create(self, job: NewJob) -> tuple[JobRow, bool]:
+        """Write the job (durable before it is queued). Same idempotency key + same request →
+        the existing job (``created`` False); same key + another request → 409."""
+        if job.idempotency_key:
+            existing = self._by_idempotency_key(job.tenant_id, job.idempotency_key)
+            if existing is not None:
+                return self._same_request(existing, job), False
+        try:
+            with self.session() as s, s.begin():
+                s.add(job.row(utcnow()))
+        except IntegrityError:
+            existing = self._by_idempotency_key(job.tenant_id, job.idempotency_key or "")
+            if existing is None:
+                raise
+            return self._same_request(existing, job), False
+        return self.get(job.id), True
+
+    def create_many(self, jobs: Sequence[NewJob]) -> list[JobRow]:
+        """Bulk insert in one transaction (bulk batches: thousands of rows)."""
+        now = utcnow()
+        with self.session() as s, s.begin():
+            s.add_all(j.row(now) for j in jobs)
+        return [self.get(j.id) for j in jobs]
+
+    def find_idempotent(self, job: NewJob) -> JobRow | None:
+        """The job an earlier submission with this Idempotency-Key created (409 if the body differs)."""
+        existing = self._by_idempotency_key(job.tenant_id, job.idempotency_key or "")
+        return self._same_request(existing, job) if existing is not None else None
+
+    def _by_idempotency_key(self, tenant_id: str, key: str) -> JobRow | None:
+        with self.session() as s:
+            return s.scalar(select(JobRow).where(JobRow.tenant_id == tenant_id, JobRow.idempotency_key == key))
+
+    @staticmethod
+    def _same_request(existing: JobRow, job: NewJob) -> JobRow:
+        if existing.request_hash != job.request_hash:
+            raise IdempotencyConflict(
+                "this Idempotency-Key was used with a different request body", param="Idempotency-Key"
+            )
+        return existing
+
+    # -- reads --------------------------------------------------------------------------
+
+    def get(self, job_id: str, tenant_id: str | None = None) -> JobRow:
+        """The job, scoped to ``tenant_id`` when given: another tenant's job is simply absent."""
+        with self.session() as s:
+            row = s.get(JobRow, job_id)
+        if row is None or (tenant_id is not None and row.tenant_id != tenant_id):
+            raise JobNotFound(f"no job {job_id}", param="job_id")
+        return row
+
+    def list(self, tenant_id: str, *, status: str | None = None, limit: int = 50, before: datetime | None = None):
+        with self.session() as s:
+            q = select(JobRow).where(JobRow.tenant_id == tenant_id)
+            if status:
+                q = q.where(JobRow.status == status)
+            if before:
+                q = q.where(JobRow.created_at < before)
+            return list(s.scalars(q.order_by(JobRow.created_at.desc()).limit(limit)))
+
+    def images_since(self, tenant_id: str, since: datetime) -> int:
+        """Images a tenant asked for since ``since`` that are delivered or still on their way."""
+        with self.session() as s:
+            q = (
+                select(func.count())
+                .select_from(JobImageRow)
+                .join(JobRow, JobRow.id == JobImageRow.job_id)
+                .where(
+                    JobRow.tenant_id == tenant_id,
+                    JobRow.created_at >= since,
+                    JobImageRow.status.in_(("pending", "done")),
+                )
+            )
+            return int(s.scalar(q) or 0)
+
+    def queued(self) -> list[JobRow]:
+        """Every job waiting for work, oldest first (the scheduler rebuilds its queues from this)."""
+        with self.session() as s:
+            return list(s.scalars(select(JobRow).where(JobRow.status == "queued").order_by(JobRow.created_at)))
+
+    def cancel_requested(self, job_ids: Iterable[str]) -> set[str]:
+        ids = list(job_ids)
+        if not ids:
+            return set()
+        with self.session() as s:
+            q = select(JobRow.id).where(JobRow.id.in_(ids), or_(JobRow.cancel_requested, JobRow.status == "cancelled"))
+            return set(s.scalars(q))
+
+    # -- running ------------------------------------------------------------------------
+
+    def claim(self, job_id: str, owner: str, lease_s: float) -> JobRow | None:
+        """queued → running under a lease (no-op if already running for this owner).
+        ``None`` if the job was cancelled or finished meanwhile: do not run it."""
+        now = utcnow()
+        with self.session() as s, s.begin():
+            row = s.get(JobRow, job_id, with_for_update=True)
+            if row is None or row.status in TERMINAL or row.cancel_requested:
+                return None
+            if row.status == "queued":
+                row.status = "running"
+                row.attempts += 1
+                row.started_at = row.started_at or now
+            row.lease_owner = owner
+            row.lease_expires_at = now + timedelta(seconds=lease_s)
+        return self.get(job_id)
+
+    def renew(self, job_ids: Iterable[str], owner: str, lease_s: float) -> None:
+        ids = list(job_ids)
+        if not ids:
+            return
+        with self.session() as s, s.begin():
+            s.execute(
+                update(JobRow)
+                .where(JobRow.id.in_(ids), JobRow.status == "running", JobRow.lease_owner == owner)
+                .values(lease_expires_at=utcnow() + timedelta(seconds=lease_s))
+            )
+
+    def record_image(self, job_id: str, index: int, image: StoredImage, ledger: LedgerEntry | None = None) -> bool:
+        """Mark one image done and bill it, in one transaction (delivered ⇔ billed).
+        Idempotent: ``False`` if it was already recorded (and billed)."""
+        with self.session() as s, s.begin():
+            row = s.get(JobImageRow, (job_id, index), with_for_update=True)
+            if row is None:
+                raise JobNotFound(f"no image {index} of job {job_id}")
+            if row.status == "done":
+                return False
+            row.status = "done"
+            row.s3_key, row.sha256, row.size_bytes = image.s3_key, image.sha256, image.size_bytes
+            row.timings, row.batch_size, row.engine_s = image.timings, image.batch_size, image.engine_s
+            row.replica, row.finished_at = image.replica, utcnow()
+            if ledger is not None:
+                append_entry(s, self.billing, ledger)
+        return True
+
+    def pending_indexes(self, job_id: str) -> list[int]:
+        with self.session() as s:
+            q = select(JobImageRow.index).where(JobImageRow.job_id == job_id, JobImageRow.status == "pending")
+            return list(s.scalars(q.order_by(JobImageRow.index)))
+
+    def finish(self, job_id: str, status: str, *, code: str | None = None, message: str | None = None) -> JobRow:
+        """Move a job to a terminal state (once: a finished job stays as it finished)."""
+        assert status in TERMINAL
+        now = utcnow()
+        with self.session() as s, s.begin():
+            row = s.get(JobRow, job_id, with_for_update=True)
+            if row is None:
+                raise JobNotFound(f"no job {job_id}")
+            if row.status not in TERMINAL:
+                row.status, row.error_code, row.error_message = status, code, message
+                row.finished_at, row.lease_owner, row.lease_expires_at = now, None, None
+                leftover = "cancelled" if status == "cancelled" else "failed"
+                for image in row.images:
+                    if image.status == "pending":
+                        image.status, image.error_code, image.finished_at = leftover, code, now
+        return self.get(job_id)
+
+    def request_cancel(self, job_id: str, tenant_id: str) -> JobRow:
+        """Queued → cancelled now; running → flagged, stopped at the next step boundary."""
+        row = self.get(job_id, tenant_id)
+        if row.status in TERMINAL:
+            raise JobFinished(f"job {job_id} already {row.status}", param="job_id")
+        if row.status == "queued":
+            with self.session() as s, s.begin():
+                s.execute(update(JobRow).where(JobRow.id == job_id).values(cancel_requested=True))
+            return self.finish(job_id, "cancelled", code="cancelled_by_client", message="cancelled before it started")
+        with self.session() as s, s.begin():
+            s.execute(update(JobRow).where(JobRow.id == job_id).values(cancel_requested=True))
+        return self.get(job_id)
+
+    # -- recovery -----------------------------------------------------------------------
+
+    def requeue_expired(self, now: datetime | None = None) -> list[JobRow]:
+        """Running jobs whose lease ran out (their replica died): back to queued, done images kept."""
+        now = now or utcnow()
+        with self.session() as s, s.begin():
+            ids = list(
+                s.scalars(
+                    select(JobRow.id).where(JobRow.status == "running", JobRow.lease_expires_at < now).with_for_update()
+                )
+            )
+            if ids:
+                s.execute(
+                    update(JobRow)
+                    .where(JobRow.id.in_(ids))
+                    .values(status="queued", lease_owner=None, lease_expires_at=None)
+                )
+        return [self.get(i) for i in ids]
+
+    def expire_deadlines(self, now: datetime | None = None) -> list[JobRow]:
+        """Queued jobs past their queue deadline fail with ``queue_timeout`` (reported, not dropped)."""
+        now = now or utcnow()
+        with self.session() as s:
+            q = select(JobRow.id).where(
+                JobRow.status == "queued", JobRow.deadline_at.is_not(None), JobRow.deadline_at < now
+            )
+            ids = list(s.scalars(q))
+        return [
+            self.finish(i, "failed", code="queue_timeout", message="waited past its priority class's queue deadline")
+            for i in ids
+        ]
+
+    # -- bulk batches -------------------------------------------------------------------
+
+    def create_batch(self, batch: BatchRow) -> BatchRow:
+        with self.session() as s, s.begin():
+            s.add(batch)
+        return batch
+
+    def get_batch(self, batch_id: str, tenant_id: str) -> BatchRow:
+        with self.session() as s:
+            row = s.get(BatchRow, batch_id)
+        if row is None or row.tenant_id != tenant_id:
+            raise JobNotFound(f"no batch {batch_id}", code="batch_not_found", param="batch_id")
+        return row
+
+    def batch_counts(self, batch_id: str) -> dict[str, int]:
+        with self.session() as s:
+            rows = s.execute(
+                select(JobRow.status, func.count()).where(JobRow.batch_id == batch_id).group_by(JobRow.status)
+            )
+            return {status: count for status, count in rows}
+
+    def batch_jobs(self, batch_id: str) -> list[JobRow]:
+        with self.session() as s:
+            return list(s.scalars(select(JobRow).where(JobRow.batch_id == batch_id).order_by(JobRow.batch_row)))
+
+    def finish_batch(self, batch_id: str, manifest_key: str | None) -> BatchRow:
+        with self.session() as s, s.begin():
+            row = s.get(BatchRow, batch_id)
+            assert row is not None
+            row.status, row.manifest_key, row.finished_at = "completed", manifest_key, utcnow()
+        return row
+
+    # -- webhook outbox -----------------------------------------------------------------
+
+    def add_delivery(self, delivery: WebhookDeliveryRow) -> None:
+        with self.session() as s, s.begin():
+            s.add(delivery)
+
+    def due_deliveries(self, now: datetime | None = None, limit: int = 100) -> list[WebhookDeliveryRow]:
+        now = now or utcnow()
+        with self.session() as s:
+            q = select(WebhookDeliveryRow).where(
+                WebhookDeliveryRow.status == "pending",
+                or_(WebhookDeliveryRow.next_attempt_at.is_(None), WebhookDeliveryRow.next_attempt_at <= now),
+            )
+            return list(s.scalars(q.order_by(WebhookDeliveryRow.created_at).limit(limit)))
+
+    def update_delivery(self, delivery_id: str, **values: Any) -> None:
+        with self.session() as s, s.begin():
+            s.execute(update(WebhookDeliveryRow).where(WebhookDeliveryRow.id == delivery_id).values(**values))
+
+    def deliveries(self, job_id: str) -> list[WebhookDeliveryRow]:
+        with self.session() as s:
+            q = select(WebhookDeliveryRow).where(WebhookDeliveryRow.job_id == job_id)
+            return list(s.scalars(q.order_by(WebhookDeliveryRow.created_at)))

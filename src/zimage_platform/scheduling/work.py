@@ -1,0 +1,117 @@
+"""Work items (one image of one job) and the key that says which of them may share a batch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, NamedTuple
+
+#: Priority classes, highest first.
+PRIORITY_CLASSES: tuple[str, ...] = ("realtime", "standard", "bulk")
+
+
+class WorkKey(NamedTuple):
+    """Items with equal keys can be denoised in one batch on one engine.
+
+    The pipeline's own batch key (size, steps, CFG on/off, sampler, shift, img2img strength)
+    plus what selects the engine (variant) and the two-pass hires-fix shape.
+    """
+
+    variant: str
+    size: str
+    steps: int
+    cfg: bool
+    sampler: str
+    shift: float
+    strength: float | None
+    hires: tuple[str, float] | None
+
+
+@dataclass
+class WorkItem:
+    """One image to generate. Everything the engine replica needs travels with it."""
+
+    job_id: str
+    index: int
+    tenant_id: str
+    priority: str
+    key: WorkKey
+    seed: int
+    prompt: str
+    negative_prompt: str
+    guidance: float
+    #: S3 key of the img2img / edit input image, if any.
+    input_key: str | None
+    created_at: datetime
+    trace_id: str | None = None
+    #: W3C trace context of the request that created the job (carried, never global).
+    trace_context: dict[str, str] = field(default_factory=dict)
+    #: Scheduler clock (seconds) when it entered the queue, and its queue deadline.
+    enqueued_at: float = 0.0
+    #: Wall clock (ns) when it entered the queue: the start of its "queue wait" span.
+    enqueued_wall_ns: int = 0
+    deadline: float | None = None
+    #: Set while the item sits in a queue (lets expired-deadline heap entries be skipped lazily).
+    queued: bool = field(default=False, compare=False)
+    #: Which queue entry is the live one: removals are lazy, so a stale entry of a re-queued item
+    #: must not count (set by :class:`~zimage_platform.scheduling.queue.PoolQueue`).
+    queue_token: int = field(default=-1, compare=False, repr=False)
+
+    @property
+    def item_id(self) -> str:
+        return f"{self.job_id}:{self.index}"
+
+
+@dataclass
+class Batch:
+    """Compatible items dispatched together to one engine call."""
+
+    id: str
+    pool: str
+    key: WorkKey
+    items: list[WorkItem]
+    #: The pool whose queue the work came from (differs from ``pool`` when capacity was borrowed).
+    source_pool: str | None = None
+    #: W3C context of the batch's span: engine spans hang under it in another process.
+    trace_context: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def variant(self) -> str:
+        return self.key.variant
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+@dataclass
+class ItemOutcome:
+    """What the engine replica reports for one item."""
+
+    item_id: str
+    status: str  # done | cancelled | failed
+    s3_key: str | None = None
+    sha256: str | None = None
+    size_bytes: int | None = None
+    etag: str | None = None
+    timings: list[dict[str, Any]] = field(default_factory=list)
+    error_code: str | None = None
+    error_message: str | None = None
+
+
+@dataclass
+class BatchOutcome:
+    batch_id: str
+    replica: str
+    #: Wall seconds the engine spent on the whole batch (for GPU-second attribution).
+    engine_s: float
+    items: list[ItemOutcome]
+    backend: str = "unknown"
+
+
+@dataclass
+class Progress:
+    batch_id: str
+    item_ids: tuple[str, ...]
+    step: int
+    total: int
+    pass_name: str

@@ -1,0 +1,267 @@
+"""Ray Serve deployments: thin wrappers that hold the platform's parts on replicas.
+
+- ``Ingress`` (FastAPI, N replicas): HTTP only; reads jobs from the database, asks the scheduler
+  to admit, cancel and stream.
+- ``Scheduler`` (1 replica): owns the queues, merges batches, leases jobs, records results.
+- ``Engine`` (one deployment per variant × pool): loads the engines of its buckets, runs batches,
+  stores images in S3. Replicas announce themselves to the scheduler by heartbeat; that is the
+  scheduler's capacity.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from zimage_platform.api import create_api
+from zimage_platform.config import PlatformConfig
+from zimage_platform.errors import PlatformError
+from zimage_platform.scheduling.store import NewJob
+from zimage_platform.scheduling.work import Batch, BatchOutcome, Progress
+from zimage_platform.serve.components import platform_services, result_store, scheduler_service
+from zimage_platform.telemetry.metrics import configure_metrics
+from zimage_platform.telemetry.tracing import configure_tracing
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_S = 2.0
+#: A replica not heard from for this long no longer counts as capacity.
+HEARTBEAT_TIMEOUT_S = 3 * HEARTBEAT_S
+
+
+def _config(data: dict[str, Any]) -> PlatformConfig:
+    return PlatformConfig.model_validate(data)
+
+
+# -- results over Ray: expected errors travel as data and are raised again on the other side ---
+
+
+def _ok(value: Any = None) -> dict[str, Any]:
+    return {"ok": True, "value": value}
+
+
+def _err(exc: PlatformError) -> dict[str, Any]:
+    return {
+        "ok": False,
+        "error": {
+            "code": exc.code,
+            "message": exc.message,
+            "param": exc.param,
+            "choices": exc.choices,
+            "status": exc.status,
+            "retry_after_s": getattr(exc, "retry_after_s", None),
+        },
+    }
+
+
+def _unwrap(result: dict[str, Any]) -> Any:
+    if result["ok"]:
+        return result["value"]
+    e = result["error"]
+    exc = PlatformError(e["message"], code=e["code"], param=e["param"], choices=e["choices"])
+    exc.status = e["status"]
+    if e.get("retry_after_s") is not None:
+        exc.retry_after_s = e["retry_after_s"]  # type: ignore[attr-defined]
+    raise exc
+
+
+# -- engine ---------------------------------------------------------------------------------
+
+
+class Engine:
+    """A variant on one pool's hardware: loads its engine, runs batches, keeps the scheduler informed."""
+
+    async def __init__(self, config: dict[str, Any], variant: str, pool: str) -> None:
+        from zimage_platform.engines.engine import PipelineEngine
+        from zimage_platform.serve.runner import EngineRunner
+
+        configure_metrics("ray")
+        self.config = _config(config)
+        configure_tracing(self.config.telemetry, "engine")
+        self.variant, self.pool = variant, pool
+        context = serve.get_replica_context()
+        self.replica = context.replica_id.unique_id
+        self.app_name = context.app_name
+        device = "cuda" if self.config.pools[pool].num_gpus > 0 else "cpu"
+        engine = PipelineEngine(self.config, variant, device=device, precision=self.config.precision_in(pool, variant))
+        await asyncio.to_thread(engine.load)
+        await asyncio.to_thread(engine.warmup, [engine.spec.defaults.size])
+        self.runner = EngineRunner(engine, result_store(self.config), replica=self.replica)
+        self.slots = self.config.pools[pool].max_concurrent_batches
+        self._last_canary = time.monotonic()
+        self._heartbeat = asyncio.create_task(self._beat())
+
+    async def _beat(self) -> None:
+        """Tell the scheduler this replica is up (its capacity) until the replica stops."""
+        scheduler = serve.get_deployment_handle("Scheduler", self.app_name)
+        while True:
+            with contextlib.suppress(Exception):
+                await scheduler.heartbeat.remote(self.pool, self.variant, self.replica, self.slots)
+            await asyncio.sleep(HEARTBEAT_S)
+
+    async def run(self, batch: Batch) -> AsyncIterator[Progress | BatchOutcome]:
+        async for message in self.runner.run(batch):
+            yield message
+
+    def cancel(self, item_ids: list[str]) -> None:
+        self.runner.cancel(item_ids)
+
+    async def check_health(self) -> None:
+        """Cheap: the engine is loaded; at most every few minutes, and only when idle, a 1-step canary."""
+        if self.runner.engine.pipeline is None:
+            raise RuntimeError("engine not loaded")
+        interval = self.config.engine.canary_interval_s
+        if self.runner.busy == 0 and time.monotonic() - self._last_canary > interval:
+            await asyncio.to_thread(self.runner.engine.canary)
+            self._last_canary = time.monotonic()
+
+    def __del__(self) -> None:
+        if hasattr(self, "_heartbeat"):
+            self._heartbeat.cancel()
+
+
+# -- scheduler ------------------------------------------------------------------------------
+
+
+class RayEngineClient:
+    """The scheduler's :class:`EngineClient` over engine deployment handles."""
+
+    def __init__(self, handles: dict[str, DeploymentHandle]) -> None:
+        self.handles = handles
+
+    async def run(self, batch: Batch, on_progress) -> BatchOutcome:
+        handle = self.handles[f"{batch.pool}/{batch.variant}"]
+        outcome = None
+        async for message in handle.options(stream=True).run.remote(batch):
+            if isinstance(message, BatchOutcome):
+                outcome = message
+            else:
+                on_progress(message)
+        if outcome is None:
+            raise PlatformError("the engine replica ended the batch without an outcome", code="engine_lost_batch")
+        return outcome
+
+    async def cancel(self, pool: str, variant: str, item_ids: list[str]) -> None:
+        # Rare, control-plane: every replica hears it; the one running the items stops them.
+        await self.handles[f"{pool}/{variant}"].broadcast("cancel", item_ids).results_async()
+
+
+class Scheduler:
+    async def __init__(self, config: dict[str, Any], engines: dict[str, DeploymentHandle]) -> None:
+        configure_metrics("ray")
+        self.config = _config(config)
+        self.service = scheduler_service(self.config, RayEngineClient(engines))
+        self._replicas: dict[tuple[str, str], dict[str, tuple[float, int]]] = {}
+        self._started = asyncio.create_task(self.service.start())
+        self._capacity = asyncio.create_task(self._track_capacity())
+
+    async def _track_capacity(self) -> None:
+        await self._started
+        while True:
+            now = time.monotonic()
+            for (pool, variant), replicas in self._replicas.items():
+                alive = {r: v for r, v in replicas.items() if now - v[0] < HEARTBEAT_TIMEOUT_S}
+                self._replicas[(pool, variant)] = alive
+                self.service.set_capacity(pool, variant, sum(slots for _, slots in alive.values()))
+            await asyncio.sleep(HEARTBEAT_S / 2)
+
+    def heartbeat(self, pool: str, variant: str, replica: str, slots: int) -> None:
+        first = replica not in self._replicas.setdefault((pool, variant), {})
+        self._replicas[(pool, variant)][replica] = (time.monotonic(), slots)
+        if first:
+            total = sum(s for _, s in self._replicas[(pool, variant)].values())
+            self.service.set_capacity(pool, variant, total)
+
+    async def submit(self, job: NewJob, check_queue: bool = True) -> dict[str, Any]:
+        await self._started
+        try:
+            row, created = await self.service.submit(job, check_queue=check_queue)
+        except PlatformError as exc:
+            return _err(exc)
+        return _ok((row.id, created))
+
+    async def submit_many(self, jobs: list[NewJob]) -> dict[str, Any]:
+        await self._started
+        try:
+            rows = await self.service.submit_many(jobs)
+        except PlatformError as exc:
+            return _err(exc)
+        return _ok([r.id for r in rows])
+
+    async def cancel(self, job_id: str, tenant_id: str) -> dict[str, Any]:
+        try:
+            await self.service.cancel(job_id, tenant_id)
+        except PlatformError as exc:
+            return _err(exc)
+        return _ok()
+
+    async def wait(self, job_id: str, timeout_s: float) -> dict[str, Any]:
+        try:
+            await self.service.wait(job_id, timeout_s)
+        except TimeoutError:
+            return _ok("timeout")
+        return _ok("done")
+
+    async def events(self, job_id: str, after: int = 0) -> AsyncIterator[dict[str, Any]]:
+        async for event in self.service.events(job_id, after):
+            yield event
+
+    def status(self) -> dict[str, Any]:
+        return self.service.status()
+
+    async def check_health(self) -> None:
+        if self._started.done() and self._started.exception():
+            raise RuntimeError(f"scheduler failed to start: {self._started.exception()}")
+
+    async def __del__(self) -> None:  # graceful shutdown: running batches finish or go back
+        with contextlib.suppress(Exception):
+            await self.service.stop(grace_s=self.config.serve.graceful_shutdown_s)
+
+
+class RaySchedulerClient:
+    """The ingress's :class:`SchedulerClient` over the scheduler deployment's handle."""
+
+    def __init__(self, handle: DeploymentHandle) -> None:
+        self.handle = handle
+
+    async def submit(self, job: NewJob, *, check_queue: bool = True) -> tuple[str, bool]:
+        job_id, created = _unwrap(await self.handle.submit.remote(job, check_queue))
+        return job_id, created
+
+    async def submit_many(self, jobs: list[NewJob]) -> list[str]:
+        return _unwrap(await self.handle.submit_many.remote(jobs))
+
+    async def cancel(self, job_id: str, tenant_id: str) -> None:
+        _unwrap(await self.handle.cancel.remote(job_id, tenant_id))
+
+    async def wait(self, job_id: str, timeout_s: float) -> None:
+        if _unwrap(await self.handle.wait.remote(job_id, timeout_s)) == "timeout":
+            raise TimeoutError(job_id)
+
+    async def events(self, job_id: str, after: int = 0) -> AsyncIterator[dict[str, Any]]:
+        async for event in self.handle.options(stream=True).events.remote(job_id, after):
+            yield event
+
+    async def status(self) -> dict[str, Any]:
+        return await self.handle.status.remote()
+
+
+# -- ingress --------------------------------------------------------------------------------
+
+
+@serve.ingress()
+class Ingress:
+    def __init__(self, config: dict[str, Any], scheduler: DeploymentHandle) -> None:
+        configure_metrics("ray")
+        self.config = _config(config)
+        self.services = platform_services(self.config, RaySchedulerClient(scheduler))
+
+    def __serve_build_asgi_app__(self):
+        return create_api(self.services)

@@ -1,0 +1,224 @@
+"""``zimage-platform serve``: the whole platform on this machine, loopback only.
+
+Starts (and, on Ctrl-C, stops) only what it started: a local Ray, an embedded SeaweedFS S3
+with its own credentials, the SQLite job database; builds the tiny checkpoint and engines if
+they are missing; deploys the Serve app; prints the URL and a demo API key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import yaml
+
+from zimage_platform.config import PlatformConfig
+
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+DEMO_TENANT = "demo"
+
+
+def _secret_file(path: Path, make: Callable[[], str]) -> str:
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(make())
+    return path.read_text().strip()
+
+
+def embedded_s3_credentials(config: PlatformConfig) -> tuple[str, str]:
+    secrets_dir = config.paths.data_dir / "secrets"
+    access = _secret_file(secrets_dir / "s3-access-key", lambda: "zimage-" + secrets.token_hex(6))
+    secret = _secret_file(secrets_dir / "s3-secret-key", lambda: secrets.token_urlsafe(30))
+    return access, secret
+
+
+def _s3_state_file(config: PlatformConfig) -> Path:
+    return config.paths.data_dir / "run" / "embedded-s3.json"
+
+
+def attach_embedded_s3(config: PlatformConfig) -> PlatformConfig:
+    """Point a CLI command (billing audit, statements) at the embedded S3 of a running ``serve``.
+
+    Only for the embedded default (``storage.embedded`` and no endpoint configured): ``serve``
+    records its S3 endpoint while it runs; the credentials are its local secret files.
+    """
+    state = _s3_state_file(config)
+    if not config.storage.embedded or config.storage.endpoint_url or not state.is_file():
+        return config
+    access, secret = embedded_s3_credentials(config)
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", access)
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", secret)
+    endpoint = json.loads(state.read_text())["endpoint_url"]
+    return config.model_copy(update={"storage": config.storage.model_copy(update={"endpoint_url": endpoint})})
+
+
+def demo_key(config: PlatformConfig) -> str:
+    """The embedded default's demo tenant and its key (kept raw only in this local data folder)."""
+    from datetime import UTC, datetime
+
+    from zimage_platform.tenancy import issue_key, load_pepper
+
+    key_file = config.paths.data_dir / "secrets" / "demo-api-key"
+    tenant_file = config.paths.data_dir / "tenants" / f"{DEMO_TENANT}.yaml"
+    if key_file.is_file() and tenant_file.is_file():
+        return key_file.read_text().strip()
+    issued = issue_key(load_pepper(config.tenancy.key_pepper, config.key_pepper_file))
+    tenant_file.parent.mkdir(parents=True, exist_ok=True)
+    record = {"id": issued.key_id, "hash": issued.hash, "created_at": datetime.now(UTC).isoformat(), "label": "demo"}
+    tenant_file.write_text(
+        yaml.safe_dump(
+            {
+                "id": DEMO_TENANT,
+                "display_name": "Demo tenant (embedded default)",
+                "plan": "demo",
+                "priority_class": "standard",
+                "api_keys": [record],
+            }
+        )
+    )
+    key_file.unlink(missing_ok=True)
+    return _secret_file(key_file, lambda: issued.raw)
+
+
+def prepare_engines(config: PlatformConfig) -> None:
+    """Tiny checkpoint and compiled engines, built once (later starts reuse them)."""
+    from zimage_platform.engines import build_engine, get_backend
+
+    if get_backend(config.engine.backend).compiled:
+        for variant in config.variants:
+            build_engine(config, variant, config.engine.backend)
+    else:
+        from zimage_platform.pipeline.tiny import init_tiny_checkpoint
+
+        if any(spec.checkpoint == "tiny" for spec in config.variants.values()):
+            init_tiny_checkpoint(config.paths.tiny_checkpoint)
+
+
+def wait_ready(url: str, timeout_s: float = 600.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    last: dict = {}
+    while time.monotonic() < deadline:
+        try:
+            response = httpx.get(f"{url}/readyz", timeout=5)
+            last = response.json()
+            if response.status_code == 200:
+                return last
+        except (httpx.HTTPError, ValueError):
+            pass
+        time.sleep(1.0)
+    raise TimeoutError(f"the platform did not become ready in {timeout_s:.0f}s: {json.dumps(last)[:500]}")
+
+
+class EmbeddedPlatform:
+    """Everything ``serve`` starts, in start order; :meth:`stop` ends it in reverse."""
+
+    def __init__(self, config: PlatformConfig, *, ray_cpus: int | None = None) -> None:
+        self.config = config
+        self.ray_cpus = ray_cpus or max(os.cpu_count() or 2, 4)
+        self.s3 = None
+        self.demo_key = ""
+        self.url = f"http://{config.serve.host}:{config.serve.port}"
+        self.metrics_url = ""
+
+    def start(self, log: Callable[[str], None] = print) -> PlatformConfig:
+        from zimage_platform.serve.components import job_store
+        from zimage_platform.storage import SeaweedFS
+
+        config = self.config
+        config.paths.data_dir.mkdir(parents=True, exist_ok=True)
+        os.environ.update(RAY_ENV)
+        if config.storage.embedded and not config.storage.endpoint_url:
+            access, secret = embedded_s3_credentials(config)
+            log("starting the embedded S3 (SeaweedFS) ...")
+            self.s3 = SeaweedFS(config.paths.data_dir / "s3", access_key=access, secret_key=secret)
+            self.s3.start(buckets=(config.storage.bucket,))
+            _s3_state_file(config).parent.mkdir(parents=True, exist_ok=True)
+            _s3_state_file(config).write_text(json.dumps({"endpoint_url": self.s3.endpoint_url}))
+            os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"] = access, secret
+            config = config.model_copy(
+                update={
+                    "storage": config.storage.model_copy(update={"endpoint_url": self.s3.endpoint_url}),
+                    "webhooks": config.webhooks.model_copy(update={"allow_private": True}),
+                    "limits": config.limits.model_copy(update={"allow_private_urls": True}),
+                }
+            )
+        log(f"preparing engines ({config.engine.backend}) ...")
+        prepare_engines(config)
+        job_store(config, migrate=True)
+        self.demo_key = demo_key(config)
+        self.config = config
+        self._start_ray()
+        return config
+
+    def _start_ray(self) -> None:
+        import ray
+        from ray import serve
+
+        from zimage_platform.serve.builder import build_app
+        from zimage_platform.storage.seaweedfs import free_ports
+
+        config = self.config
+        metrics_port = config.telemetry.metrics_port or free_ports(1)[0]
+        self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+        env = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "RAY_", "ZIMAGE_"))}
+        ray.init(
+            num_cpus=self.ray_cpus,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            runtime_env={"env_vars": env},
+            logging_level="WARNING",
+            log_to_driver=False,
+            _metrics_export_port=metrics_port,
+        )
+        serve.start(http_options={"host": config.serve.host, "port": config.serve.port})
+        serve.run(build_app(config), name=config.serve.app_name, route_prefix=config.serve.route_prefix, blocking=False)
+
+    def stop(self) -> None:
+        import ray
+        from ray import serve
+
+        try:
+            if ray.is_initialized():
+                try:
+                    serve.shutdown()
+                finally:
+                    ray.shutdown()
+        finally:
+            if self.s3 is not None:
+                _s3_state_file(self.config).unlink(missing_ok=True)
+                self.s3.stop()
+
+
+def run_forever(config: PlatformConfig) -> None:
+    """Start everything, print how to use it, and stop everything on Ctrl-C / SIGTERM."""
+    platform = EmbeddedPlatform(config)
+    stop = threading.Event()
+    try:
+        platform.start()
+        # After ray.init, which installs handlers of its own: ours only ask the main thread to stop.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        key = platform.demo_key
+        print("deploying the Serve application (engines load and warm up) ...", flush=True)
+        wait_ready(platform.url)
+        print(f"\nzimage-platform is ready at {platform.url}  (OpenAPI: {platform.url}/docs)")
+        print(f"demo API key: {key}")
+        print(f"metrics (Prometheus text; names prefixed ray_, see ops/metrics.md): {platform.metrics_url}\n")
+        body = json.dumps({"prompt": "a red fox in fresh snow", "size": "256x256"})
+        print("try:")
+        print(f"  curl -s {platform.url}/v1/images/generations -H 'Authorization: Bearer {key}' \\")
+        print(f"       -H 'Content-Type: application/json' -d '{body}'")
+        print("\nCtrl-C stops everything this command started.", flush=True)
+        stop.wait()
+    finally:
+        print("stopping ...", flush=True)
+        platform.stop()

@@ -1,0 +1,132 @@
+"""Traces: the full span tree of a batched request (in-memory exporter), and the OTLP/HTTP wire path
+to a local receiver that decodes the protobuf payload."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+import uvicorn
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from zimage_platform.config import TelemetryConfig
+from zimage_platform.telemetry.tracing import configure_tracing, exporter_for
+
+
+@pytest.fixture
+def spans(platform):
+    exporter = InMemorySpanExporter()
+    provider = configure_tracing(platform.config.telemetry, "test")
+    processor = SimpleSpanProcessor(exporter)
+    provider.add_span_processor(processor)
+    yield exporter
+    processor.shutdown()
+
+
+def hexid(value: int, width: int = 32) -> str:
+    return format(value, f"0{width}x")
+
+
+async def test_a_batched_request_has_the_full_span_tree(client: httpx.AsyncClient, spans):
+    blocker = await client.post("/v1/jobs", json={"prompt": "blocker", "size": "128x128", "steps": 8})
+    first, second = await asyncio.gather(
+        client.post("/v1/jobs", json={"prompt": "one", "size": "64x64", "steps": 3}),
+        client.post("/v1/jobs", json={"prompt": "two", "size": "64x64", "steps": 3}),
+    )
+    async with asyncio.timeout(60):
+        for job in (blocker, first, second):
+            while (await client.get(f"/v1/jobs/{job.json()['id']}")).json()["status"] != "succeeded":
+                await asyncio.sleep(0.05)
+    await asyncio.sleep(0.2)
+    finished = spans.get_finished_spans()
+    traces = {first.headers["x-trace-id"], second.headers["x-trace-id"]}
+    assert {first.json()["trace_id"], second.json()["trace_id"]} == traces
+
+    for trace_id in traces:
+        names = {s.name for s in finished if hexid(s.context.trace_id) == trace_id}
+        assert {"auth", "rate_limit", "admission", "queue_wait"} <= names, names
+        assert any(n.startswith("POST /v1/jobs") for n in names), names
+
+    batches = [
+        s for s in finished if s.name == "batch" and {hexid(link.context.trace_id) for link in s.links} == traces
+    ]
+    assert len(batches) == 1, "the two requests were merged into one batch, linked to both"
+    batch = batches[0]
+    assert batch.attributes["zimage.batch.size"] == 2 and batch.attributes["zimage.steps"] == 3
+    in_batch = [s for s in finished if s.context.trace_id == batch.context.trace_id]
+    by_name = {s.name: s for s in in_batch}
+    engine = by_name["engine"]
+    assert engine.parent.span_id == batch.context.span_id
+    for stage in ("text_encode", "denoise", "decode", "png_encode"):
+        assert by_name[stage].parent.span_id == engine.context.span_id, stage
+    assert by_name["denoise"].attributes["zimage.steps"] == 3
+    s3_puts = [s for s in in_batch if s.name.startswith("S3.") and "PutObject" in s.name]
+    assert len(s3_puts) == 2 and all(s.parent.span_id == engine.context.span_id for s in s3_puts)
+    ledger = [s for s in in_batch if s.name == "ledger_write"]
+    assert len(ledger) == 2 and all(s.parent.span_id == batch.context.span_id for s in ledger)
+    ledger_ids = {s.context.span_id for s in ledger}
+    sql = [s for s in in_batch if s.parent is not None and s.parent.span_id in ledger_ids]
+    inserts = [s for s in sql if "INSERT INTO ledger_entries" in str(s.attributes.get("db.statement", ""))]
+    assert len(inserts) == 2 and all(s.attributes["db.system"] == "sqlite" for s in inserts), [s.name for s in sql]
+
+
+def test_spans_reach_an_otlp_http_receiver_as_protobuf():
+    received: list[ExportTraceServiceRequest] = []
+
+    async def traces(request: Request) -> Response:
+        message = ExportTraceServiceRequest()
+        message.ParseFromString(await request.body())
+        received.append(message)
+        return Response(status_code=200)
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(
+        uvicorn.Config(
+            Starlette(routes=[Route("/v1/traces", traces, methods=["POST"])]),
+            host="127.0.0.1",
+            port=port,
+            log_level="error",
+        )
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    try:
+        config = TelemetryConfig(exporter="otlp-http", otlp_endpoint=f"http://127.0.0.1:{port}", environment="test")
+        provider = TracerProvider(
+            resource=Resource.create({"service.name": config.service_name, "zimage.component": "test"})
+        )
+        processor = BatchSpanProcessor(exporter_for(config))
+        provider.add_span_processor(processor)
+        tracer = provider.get_tracer("t")
+        with (
+            tracer.start_as_current_span("batch", attributes={"zimage.batch.size": 3}),
+            tracer.start_as_current_span("denoise"),
+        ):
+            pass
+        processor.force_flush()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=5)
+    spans = [s for r in received for rs in r.resource_spans for ss in rs.scope_spans for s in ss.spans]
+    assert sorted(s.name for s in spans) == ["batch", "denoise"]
+    resource = {a.key: a.value.string_value for a in received[0].resource_spans[0].resource.attributes}
+    assert resource["service.name"] == "zimage-platform"
+    child = next(s for s in spans if s.name == "denoise")
+    parent = next(s for s in spans if s.name == "batch")
+    assert child.parent_span_id == parent.span_id and child.trace_id == parent.trace_id

@@ -1,0 +1,222 @@
+"""The scheduler end to end in one process: real engines (torch, tiny checkpoint), a real S3
+(SeaweedFS) and a real database; only Ray is absent (its wiring is tested in tests/serve)."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+import pytest
+
+from zimage_platform.db import create_db_engine, utcnow
+from zimage_platform.scheduling.service import QueueFull, SchedulerService
+from zimage_platform.scheduling.store import IdempotencyConflict, JobStore, NewJob, StoredImage
+from zimage_platform.serve.runner import EngineRunner, LocalEngineClient
+from zimage_platform.storage.results import ResultStore
+
+PARAMS = {"prompt": "a cat", "size": "64x64", "steps": 3, "guidance": 0.0, "sampler": "euler", "shift": 3.0}
+
+
+@pytest.fixture
+def results(s3) -> ResultStore:
+    return ResultStore("results", endpoint_url=s3.endpoint_url, access_key=s3.access_key, secret_key=s3.secret_key)
+
+
+@pytest.fixture
+def make_scheduler(config, database_url, results, torch_engine, base_torch_engine):
+    async def make(capacity: int = 1, **overrides) -> SchedulerService:
+        cfg = config.model_copy(update=overrides)
+        store = JobStore(create_db_engine(database_url))
+        runners = {
+            ("cpu", "turbo"): EngineRunner(torch_engine, results),
+            ("cpu", "base"): EngineRunner(base_torch_engine, results),
+        }
+        scheduler = SchedulerService(cfg, store, LocalEngineClient(runners))
+        scheduler.set_capacity("cpu", "turbo", capacity)
+        scheduler.set_capacity("cpu", "base", capacity)
+        await scheduler.start()
+        return scheduler
+
+    return make
+
+
+def job(n: int = 1, **kw) -> NewJob:
+    params = {**PARAMS, **kw.pop("params", {})}
+    return NewJob(
+        tenant_id=kw.pop("tenant", "acme"),
+        variant=kw.pop("variant", "turbo"),
+        kind="text2img",
+        params=params,
+        seeds=list(range(100, 100 + n)),
+        **kw,
+    )
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_a_job_runs_and_its_images_land_in_s3(make_scheduler, results):
+    async def go():
+        scheduler = await make_scheduler()
+        row, _ = await scheduler.submit(job(n=2, trace_id="0af7651916cd43dd8448eb211c80319c"))
+        done = await scheduler.wait(row.id, timeout_s=60)
+        events = [e.type for e in scheduler.hub.history(row.id)]
+        await scheduler.stop()
+        return done, events
+
+    done, events = run(go())
+    assert done.status == "succeeded" and done.attempts == 1
+    assert events[0] == "queued" and events[1] == "started" and events[-1] == "succeeded" and "progress" in events
+    for image in done.images:
+        assert image.status == "done" and image.s3_key.endswith(f"/{done.id}/{image.index}.png")
+        assert image.s3_key.startswith("tenants/acme/")
+        head = results.head(image.s3_key)
+        assert head.sha256 == image.sha256 and head.size == image.size_bytes
+        assert (
+            head.metadata["seed"] == str(image.seed) and head.metadata["trace-id"] == "0af7651916cd43dd8448eb211c80319c"
+        )
+        assert image.timings and image.engine_s > 0
+
+
+def test_compatible_jobs_are_merged_into_one_batch(make_scheduler):
+    async def go():
+        scheduler = await make_scheduler()
+        # Occupy the engine, then queue four single-image jobs behind it: they merge.
+        blocker, _ = await scheduler.submit(job(params={"steps": 8}))
+        rows = [(await scheduler.submit(job(params={"prompt": f"cat {i}"})))[0] for i in range(4)]
+        done = [await scheduler.wait(r.id, timeout_s=60) for r in [blocker, *rows]]
+        await scheduler.stop()
+        return done
+
+    blocker, *merged = run(go())
+    assert blocker.images[0].batch_size == 1
+    assert {r.images[0].batch_size for r in merged} == {4}
+
+
+def test_cancel_a_queued_job_at_once(make_scheduler):
+    async def go():
+        scheduler = await make_scheduler()
+        blocker, _ = await scheduler.submit(job(params={"steps": 8}))
+        waiting, _ = await scheduler.submit(job(params={"size": "128x128"}))
+        cancelled = await scheduler.cancel(waiting.id, "acme")
+        await scheduler.wait(blocker.id, timeout_s=60)
+        await scheduler.stop()
+        return cancelled, await asyncio.to_thread(scheduler.store.get, waiting.id)
+
+    cancelled, stored = run(go())
+    assert cancelled.status == "cancelled" and stored.images[0].s3_key is None
+
+
+def test_cancel_a_running_job_at_a_step_boundary(make_scheduler):
+    async def go():
+        scheduler = await make_scheduler()
+        row, _ = await scheduler.submit(job(params={"steps": 16, "size": "256x256"}))
+        async for event in scheduler.hub.subscribe(row.id):
+            if event.type == "progress" and event.data["step"] >= 2:
+                break
+        await scheduler.cancel(row.id, "acme")
+        done = await scheduler.wait(row.id, timeout_s=60)
+        steps = [e.data["step"] for e in scheduler.hub.history(row.id) if e.type == "progress"]
+        await scheduler.stop()
+        return done, steps
+
+    done, steps = run(go())
+    assert done.status == "cancelled" and done.error_code == "cancelled_by_client"
+    assert done.images[0].status == "cancelled" and max(steps) < 16
+
+
+def test_engine_failures_are_retried_then_reported(make_scheduler):
+    """An input image that is not in S3 fails on every attempt: retried, then failed with the cause."""
+
+    async def go():
+        scheduler = await make_scheduler()
+        row, _ = await scheduler.submit(job(params={"input_key": "tenants/acme/missing.png", "strength": 0.5}))
+        done = await scheduler.wait(row.id, timeout_s=60)
+        await scheduler.stop()
+        return done
+
+    done = run(go())
+    assert done.status == "failed" and done.error_code in {"object_not_found", "storage_not_found"}
+    assert "after 3 attempts" in done.error_message
+
+
+def test_recovery_requeues_lost_work_without_redoing_stored_images(make_scheduler, database_url):
+    store = JobStore(create_db_engine(database_url))
+    lost, _ = store.create(job(n=2))
+    store.claim(lost.id, "crashed-scheduler", lease_s=0.01)
+    image = StoredImage(
+        s3_key="tenants/acme/kept.png", sha256="cd" * 32, size_bytes=1, timings=[], batch_size=1, engine_s=0.1
+    )
+    store.record_image(lost.id, 0, image)
+    never_started, _ = store.create(job())
+
+    async def go():
+        await asyncio.sleep(0.05)
+        scheduler = await make_scheduler()
+        results = [await scheduler.wait(j.id, timeout_s=60) for j in (lost, never_started)]
+        await scheduler.stop()
+        return results
+
+    recovered, started = run(go())
+    assert recovered.status == "succeeded" and recovered.attempts == 2
+    assert recovered.images[0].s3_key == "tenants/acme/kept.png"  # not regenerated
+    assert recovered.images[1].s3_key.endswith("/1.png")
+    assert started.status == "succeeded"
+
+
+def test_queue_bound_rejects_before_writing_and_deadlines_fail_jobs(make_scheduler, config):
+    pools = {"cpu": config.pools["cpu"].model_copy(update={"queue_bound": {"realtime": 1, "standard": 2, "bulk": 2}})}
+
+    async def go():
+        scheduler = await make_scheduler(capacity=0, pools=pools)  # no engine: nothing drains
+        await scheduler.submit(job(n=2))
+        with pytest.raises(QueueFull) as err:
+            await scheduler.submit(job())
+        late = job(deadline_at=utcnow() + timedelta(milliseconds=200))
+        late_row, _ = await scheduler.submit(late, check_queue=False)
+        done = await scheduler.wait(late_row.id, timeout_s=10)
+        await scheduler.stop()
+        return err.value, done
+
+    err, done = run(go())
+    assert err.code == "queue_full" and err.retry_after_s >= 1
+    assert done.status == "failed" and done.error_code == "queue_timeout"
+
+
+def test_idempotent_submission_queues_once(make_scheduler):
+    async def go():
+        scheduler = await make_scheduler()
+        a, created_a = await scheduler.submit(job(idempotency_key="order-1", request_hash="x"))
+        b, created_b = await scheduler.submit(job(idempotency_key="order-1", request_hash="x"))
+        with pytest.raises(IdempotencyConflict):
+            await scheduler.submit(job(idempotency_key="order-1", request_hash="y"))
+        await scheduler.wait(a.id, timeout_s=60)
+        await scheduler.stop()
+        return a, b, created_a, created_b
+
+    a, b, created_a, created_b = run(go())
+    assert a.id == b.id and created_a and not created_b
+
+
+def test_an_upload_that_keeps_failing_fails_the_job_with_the_reason(config, database_url, torch_engine):
+    """S3 unreachable: the store retries, the scheduler retries the batch, then the job fails with the cause."""
+    dead = ResultStore(
+        "results", endpoint_url="http://127.0.0.1:9", access_key="a", secret_key="b", max_attempts=2, backoff_s=0.01
+    )
+
+    async def go():
+        store = JobStore(create_db_engine(database_url))
+        scheduler = SchedulerService(
+            config, store, LocalEngineClient({("cpu", "turbo"): EngineRunner(torch_engine, dead)})
+        )
+        scheduler.set_capacity("cpu", "turbo", 1)
+        await scheduler.start()
+        row, _ = await scheduler.submit(job())
+        done = await scheduler.wait(row.id, timeout_s=60)
+        await scheduler.stop()
+        return done
+
+    done = run(go())
+    assert done.status == "failed" and done.error_code == "storage_unavailable"
+    assert done.images[0].s3_key is None
