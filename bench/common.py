@@ -1,0 +1,589 @@
+"""Helpers every benchmark shares: machine facts, noise control, memory readings, Markdown output,
+verdicts, and the real platform on a local Ray Serve cluster (for ``serve`` and ``overhead``).
+
+Kept free of heavy imports at module level: benchmarks spawn workers that re-import it.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import httpx
+    from ray.serve import Application
+
+    from zimage_platform.config import PlatformConfig, VariantSpec
+    from zimage_platform.storage import SeaweedFS
+
+MIB = 1024 * 1024
+REPO = Path(__file__).resolve().parent.parent
+CORES = os.cpu_count() or 1
+#: Machine-wide CPU counters tick at 1/CLK_TCK s per core: a run's "others" reading may be off by
+#: a tick per core at each end, which alone would make a 50 ms run look noisy.
+TICK_SLACK_S = 2 * CORES / os.sysconf("SC_CLK_TCK")
+
+
+def quiet_libraries() -> None:
+    """Progress bars and load warnings from diffusers/transformers would bury the results."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for module in (diffusers_logging, transformers_logging):
+        module.set_verbosity_error()
+        module.disable_progress_bar()
+
+
+def rss_bytes() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def machine_busy_s() -> float:
+    """Non-idle CPU seconds of the whole machine: what other processes took shows up here too."""
+    import psutil
+
+    times = psutil.cpu_times()
+    return sum(times) - times.idle - getattr(times, "iowait", 0.0)
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def wait_for_quiet(max_noise: float, limit_s: float) -> float:
+    """Wait, up to ``limit_s``, until other processes leave the machine quiet; returns the seconds waited.
+
+    Call it while the benchmark's own processes are idle: whatever keeps the cores busy is then
+    someone else's work. On a shared 2-core machine one busy neighbour halves the cores and can
+    make a 2-thread torch run many times slower: cheaper to wait a little than to measure it.
+    """
+    import psutil
+
+    start = time.perf_counter()
+    while psutil.cpu_percent(interval=0.5) / 100 > max_noise and time.perf_counter() - start < limit_s:
+        pass
+    return time.perf_counter() - start
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or not denominator:
+        return None
+    return numerator / denominator
+
+
+def fmt_num(value: float | None, fmt: str, suffix: str = "") -> str:
+    return "n/a" if value is None else f"{value:{fmt}}{suffix}"
+
+
+def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    out += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def machine_description() -> str:
+    import psutil
+    import torch
+
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = f"{psutil.cpu_count(logical=False)} physical / {os.cpu_count()} logical cores"
+    memory = f"{psutil.virtual_memory().total / 1024**3:.0f} GiB RAM"
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{model}, {cores}, {memory}, {gpu}, {platform.system()} {platform.release()}"
+
+
+def source_version() -> str:
+    """The commit measured, marked dirty when the working tree differs (read-only git calls)."""
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", "--no-optional-locks", *args], cwd=REPO, capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    return commit + (" (dirty)" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+# -- statistics and verdicts --------------------------------------------------------------------
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The ``q``-th percentile (0..100), linearly interpolated; ``None`` for no values.
+
+    Interpolated rather than nearest-rank so p99 of a few hundred samples is not simply the maximum.
+    """
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+@dataclass(frozen=True)
+class Target:
+    """A measured figure against its target; ``threshold`` ``None`` means shown for reference only."""
+
+    name: str
+    measured: float | None
+    threshold: float | None
+    #: ``"≥"``: higher is better; ``"≤"``: lower is better.
+    op: str = "≥"
+    unit: str = "×"
+
+    @property
+    def verdict(self) -> str:
+        if self.threshold is None:
+            return "INFO"
+        if self.measured is None:
+            return "NOT MEASURED"
+        met = self.measured >= self.threshold if self.op == "≥" else self.measured <= self.threshold
+        return "PASS" if met else "FAIL"
+
+    def line(self) -> str:
+        measured = "not measured" if self.measured is None else f"{self.measured:.2f}{self.unit}"
+        wanted = "" if self.threshold is None else f" (target {self.op} {self.threshold}{self.unit})"
+        return f"- **{self.verdict}** {self.name}: {measured}{wanted}"
+
+
+def parse_ints(text: str, *, param: str) -> list[int]:
+    """A comma-separated list of positive integers (a typer option)."""
+    import typer
+
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a comma-separated list of integers", param_hint=param) from None
+    if not values or min(values) < 1:
+        raise typer.BadParameter(f"{text!r}: give at least one integer, each at least 1", param_hint=param)
+    return values
+
+
+def parse_sizes(config: PlatformConfig, text: str, *, param: str) -> list[str]:
+    """Comma-separated sizes, each one a bucket the ``turbo`` variant serves (typer option)."""
+    import typer
+
+    from zimage_platform.errors import PlatformError
+
+    served = config.buckets_for(VARIANT)
+    try:
+        sizes = [str(served.resolve(s.strip(), param=param)) for s in text.split(",") if s.strip()]
+    except PlatformError as exc:
+        raise typer.BadParameter(f"{exc.message}; choose from {', '.join(served.names)}", param_hint=param) from None
+    if not sizes:
+        raise typer.BadParameter("give at least one size", param_hint=param)
+    return sizes
+
+
+# -- CPU taken by others, with the benchmark's own process tree running -------------------------
+
+
+@dataclass(frozen=True)
+class CpuSnapshot:
+    """Machine-wide busy CPU seconds and those of this process tree (Ray, its workers, SeaweedFS).
+
+    A served platform never goes fully idle (heartbeats, health checks), so "is the machine
+    quiet" has to mean "are *other* processes quiet": the difference of the two readings.
+    """
+
+    wall: float
+    machine_s: float
+    own_s: float
+
+    @classmethod
+    def take(cls) -> CpuSnapshot:
+        return cls(time.perf_counter(), machine_busy_s(), own_tree_cpu_s())
+
+    def others_share(self, later: CpuSnapshot) -> float:
+        """Share of the machine's CPU that processes outside this tree used between the two snapshots."""
+        wall = later.wall - self.wall
+        if wall <= 0:
+            return 0.0
+        others = (later.machine_s - self.machine_s) - (later.own_s - self.own_s)
+        return max(0.0, others - TICK_SLACK_S) / (wall * CORES)
+
+
+def own_tree_cpu_s() -> float:
+    """CPU seconds of this process and every live descendant (children that exited are not counted)."""
+    import psutil
+
+    me = psutil.Process()
+    total = 0.0
+    for process in [me, *me.children(recursive=True)]:
+        try:
+            times = process.cpu_times()
+        except psutil.Error:  # exited meanwhile
+            continue
+        total += times.user + times.system
+    return total
+
+
+def wait_for_others_quiet(max_noise: float, limit_s: float) -> float:
+    """Like :func:`wait_for_quiet`, but the benchmark's own process tree does not count as noise."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < limit_s:
+        before = CpuSnapshot.take()
+        time.sleep(0.5)
+        if before.others_share(CpuSnapshot.take()) <= max_noise:
+            break
+    return time.perf_counter() - start
+
+
+def run_meta(command_args: list[str], **extra: Any) -> dict[str, Any]:
+    """What every report records about its run: when, what was run, on which machine and source."""
+    from datetime import UTC, datetime
+    from importlib import metadata
+
+    return {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": shlex.join(["python", "-m", "bench", *command_args]),
+        "machine": machine_description(),
+        "python": platform.python_version(),
+        "logical_cores": CORES,
+        "load_average_before": os.getloadavg(),
+        "versions": {p: metadata.version(p) for p in ("ray", "onnxruntime", "torch", "httpx")},
+        "source": source_version(),
+        **extra,
+    }
+
+
+def write_json(path: Path | None, data: dict[str, Any]) -> None:
+    """Raw results, compact: thousands of HTTP samples would make a pretty-printed file megabytes."""
+    if path is None:
+        return
+    import json
+
+    def rounded(value: Any) -> Any:  # microseconds are plenty, for durations and epoch times alike
+        if isinstance(value, float):
+            return round(value, 6)
+        if isinstance(value, dict):
+            return {k: rounded(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [rounded(v) for v in value]
+        return value
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rounded(data), separators=(",", ":"), default=str) + "\n")
+    log(f"raw results: {path}")
+
+
+# -- the real platform on Ray Serve, started and stopped by a benchmark -------------------------
+
+#: Only the ``turbo`` variant is deployed: one engine deployment per app instead of three.
+VARIANT = "turbo"
+BENCH_TENANT = "bench"
+#: Far above any load a benchmark sends: measure the serving path, not the tenant's rate limits.
+BENCH_LIMITS = {"requests_per_minute": 1_000_000, "images_per_minute": 1_000_000, "concurrent_jobs": 10_000}
+PROMPT = "a lighthouse on a cliff above a stormy sea at night, watercolor"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def add_tenant(config: PlatformConfig, tenant_id: str, **spec: Any) -> str:
+    """Write ``<first tenant dir>/<id>.yaml`` with one fresh key (its hash only); return the raw key.
+
+    The same file an operator writes, so the platform authenticates the benchmark's requests the
+    way it authenticates anyone's.
+    """
+    from datetime import UTC, datetime
+
+    import yaml
+
+    from zimage_platform.tenancy import issue_key, load_pepper
+
+    key = issue_key(load_pepper(config.tenancy.key_pepper, config.key_pepper_file))
+    folder = Path(config.tenancy.dirs[0])
+    folder.mkdir(parents=True, exist_ok=True)
+    record = {"id": key.key_id, "hash": key.hash, "created_at": datetime.now(UTC).isoformat()}
+    body = {"id": tenant_id, "display_name": tenant_id.title(), **spec, "api_keys": [record]}
+    (folder / f"{tenant_id}.yaml").write_text(yaml.safe_dump(body))
+    return key.raw
+
+
+class BenchCluster:
+    """SeaweedFS S3, a local Ray and Serve's HTTP proxy, all under ``/tmp/zimage-bench-<pid>``.
+
+    Several Serve applications (platform configurations, bare apps) share the one cluster, so a
+    benchmark can alternate between them in one run. ``stop`` (also on errors, via ``with``)
+    ends only what ``start`` started, in reverse order, and removes the folder.
+    """
+
+    def __init__(self, base: PlatformConfig, *, ray_cpus: int | None = None, keep: bool = False) -> None:
+        self.base = base
+        self.root = Path(tempfile.gettempdir()) / f"zimage-bench-{os.getpid()}"
+        #: Logical CPUs for Ray's bookkeeping (replicas ask for fractions); not a thread count.
+        self.ray_cpus = ray_cpus or max(CORES, 4)
+        self.keep = keep
+        self.port = 0
+        self.s3: SeaweedFS | None = None
+        self._ray_started = False
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> BenchCluster:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        import secrets
+
+        import ray
+        from ray import serve
+
+        from zimage_platform.serve.launcher import RAY_ENV
+        from zimage_platform.storage import SeaweedFS
+
+        self.root.mkdir(parents=True, exist_ok=False)
+        log(f"starting SeaweedFS S3 under {self.root} …")
+        access, secret = "bench-" + secrets.token_hex(4), secrets.token_hex(16)
+        self.s3 = SeaweedFS(self.root / "s3", access_key=access, secret_key=secret)
+        self.s3.start(buckets=(self.base.storage.bucket,))
+        # Replicas read S3 credentials from the environment, like boto3 anywhere else; they import
+        # benchmark code (bare apps) from this checkout.
+        env = {**RAY_ENV, "AWS_ACCESS_KEY_ID": access, "AWS_SECRET_ACCESS_KEY": secret, "PYTHONPATH": str(REPO)}
+        os.environ.update(env)
+        log("starting Ray and Serve's HTTP proxy …")
+        ray.init(
+            num_cpus=self.ray_cpus,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            runtime_env={"env_vars": env},
+            logging_level="WARNING",
+            log_to_driver=False,
+        )
+        self._ray_started = True
+        self.port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": self.port})
+
+    def platform_config(
+        self,
+        app_name: str,
+        route_prefix: str,
+        *,
+        spec: VariantSpec | None = None,
+        max_wait_ms: dict[str, float] | None = None,
+    ) -> PlatformConfig:
+        """The platform config of one app: shared data folder (checkpoint, tenants, key pepper), own DB.
+
+        Only turbo is served (``spec`` replaces its spec, e.g. another batch profile);
+        ``max_wait_ms`` replaces every pool's merge wait.
+        """
+        assert self.s3 is not None, "start() first"
+        base = self.base
+        data_dir = self.root / "var"
+        pools = base.pools
+        if max_wait_ms is not None:
+            pools = {name: pool.model_copy(update={"max_wait_ms": max_wait_ms}) for name, pool in pools.items()}
+        return base.model_copy(
+            update={
+                "paths": base.paths.model_copy(update={"data_dir": data_dir}),
+                "variants": {VARIANT: spec or base.variant(VARIANT)},
+                "pools": pools,
+                "storage": base.storage.model_copy(update={"endpoint_url": self.s3.endpoint_url}),
+                "database": base.database.model_copy(update={"url": f"sqlite:///{self.root / app_name}.db"}),
+                # Not data_dir/tenants: the platform adds that one itself, and a folder listed
+                # twice makes the registry refuse every tenant as "defined twice".
+                "tenancy": base.tenancy.model_copy(update={"dirs": [self.root / "tenants"]}),
+                "serve": base.serve.model_copy(
+                    update={"port": self.port, "app_name": app_name, "route_prefix": route_prefix}
+                ),
+            }
+        )
+
+    def deploy_platform(self, config: PlatformConfig) -> str:
+        """Engines built, DB migrated, ``build_app(config)`` deployed (not waited for); returns its URL."""
+        from zimage_platform.engines import build_engine, get_backend
+        from zimage_platform.pipeline.tiny import init_tiny_checkpoint
+        from zimage_platform.serve.builder import build_app
+        from zimage_platform.serve.components import job_store
+
+        init_tiny_checkpoint(config.paths.tiny_checkpoint)
+        if get_backend(config.engine.backend).compiled:
+            build_engine(config, VARIANT, config.engine.backend)
+        job_store(config, migrate=True)
+        return self.deploy(build_app(config), config.serve.app_name, config.serve.route_prefix)
+
+    def deploy(self, app: Application, name: str, route_prefix: str) -> str:
+        from ray import serve
+
+        log(f"deploying {name} at {route_prefix} …")
+        serve.run(app, name=name, route_prefix=route_prefix, blocking=False)
+        return self.url + route_prefix.rstrip("/")
+
+    def stop(self) -> None:
+        import shutil
+
+        try:
+            if self._ray_started:
+                import ray
+                from ray import serve
+
+                try:
+                    serve.shutdown()
+                finally:
+                    ray.shutdown()
+                    self._ray_started = False
+        finally:
+            try:
+                if self.s3 is not None:
+                    self.s3.stop()
+            finally:
+                if not self.keep:
+                    shutil.rmtree(self.root, ignore_errors=True)
+
+
+def wait_all_ready(urls: list[str], timeout_s: float = 600.0) -> float:
+    """Wait until every app answers ``GET <url>/readyz`` with 200 (engines loaded); returns seconds waited."""
+    from zimage_platform.serve.launcher import wait_ready
+
+    start = time.perf_counter()
+    for url in urls:
+        wait_ready(url, timeout_s=max(1.0, timeout_s - (time.perf_counter() - start)))
+    return time.perf_counter() - start
+
+
+# -- HTTP samples and what the job store says about them ----------------------------------------
+
+
+@dataclass
+class HttpSample:
+    """One request as the client saw it; ``job`` is filled afterwards from the platform's job store."""
+
+    label: str
+    size: str
+    round: int
+    #: Concurrent clients of the run it belongs to (1: sequential).
+    clients: int
+    #: Epoch seconds (the platform's DB timestamps use the same clock: one machine).
+    sent_at: float
+    latency_s: float
+    status: int
+    job_id: str | None = None
+    #: Seconds inside ``engine.run`` as the server reported them (bare app only; platform: see ``job``).
+    engine_s: float | None = None
+    job: JobTimes | None = None
+    #: CPU share other processes took during the block of requests this one belongs to (when measured).
+    others: float | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> HttpSample:
+        """Rebuild from ``asdict`` output; keys this version does not know are skipped."""
+        fields = cls.__dataclass_fields__
+        job = JobTimes(**data["job"]) if data.get("job") else None
+        return cls(**{k: v for k, v in data.items() if k in fields and k != "job"}, job=job)
+
+
+@dataclass
+class JobTimes:
+    """Timestamps (epoch s) and engine figures of a one-image job, read from the job store."""
+
+    created_at: float
+    started_at: float | None
+    image_done_at: float | None
+    finished_at: float | None
+    batch_size: int | None
+    #: The runner's wall time around ``engine.run`` for the batch, divided by the batch size.
+    engine_s: float | None
+    #: The pipeline's own stage timings (text encode + denoise + decode + PNG), for this image's batch.
+    pipeline_s: float | None
+
+
+async def timed_post(
+    http: httpx.AsyncClient, url: str, body: dict[str, Any], headers: dict[str, str]
+) -> tuple[httpx.Response | None, float, float]:
+    """``(response or None on a transport error, sent_at epoch s, latency s)``."""
+    import httpx
+
+    sent_at, start = time.time(), time.perf_counter()
+    try:
+        response = await http.post(url, json=body, headers=headers)
+    except httpx.HTTPError as exc:
+        log(f"request failed: {type(exc).__name__}: {exc}")
+        response = None
+    latency = time.perf_counter() - start
+    if response is not None and response.status_code != 200:
+        log(f"HTTP {response.status_code} from {url}: {response.text[:300]}")
+    return response, sent_at, latency
+
+
+def generation_body(tag: str, size: str, seed: int, response_format: str = "url") -> dict[str, Any]:
+    """An OpenAI-style images request for turbo at 8 steps; ``tag`` makes the prompt new (text encoder runs)."""
+    return {
+        "model": "z-image-turbo",
+        "prompt": f"{PROMPT} ({tag})",
+        "size": size,
+        "seed": seed,
+        "steps": 8,
+        "response_format": response_format,
+    }
+
+
+def read_job_times(config: PlatformConfig, job_ids: list[str]) -> dict[str, JobTimes]:
+    """Job and image rows of ``job_ids`` from the app's database (read after the load, never during it)."""
+    from sqlalchemy import select
+
+    from zimage_platform.db import create_db_engine, session_factory
+    from zimage_platform.scheduling.models import JobImageRow, JobRow
+
+    def epoch(value: Any) -> float | None:
+        return value.timestamp() if value is not None else None
+
+    engine = create_db_engine(config.database_url)
+    found: dict[str, JobTimes] = {}
+    try:
+        with session_factory(engine)() as session:
+            for start in range(0, len(job_ids), 500):
+                chunk = job_ids[start : start + 500]
+                for job in session.scalars(select(JobRow).where(JobRow.id.in_(chunk))):
+                    image: JobImageRow | None = job.images[0] if job.images else None
+                    timings = (image.timings or []) if image is not None else []
+                    found[job.id] = JobTimes(
+                        created_at=job.created_at.timestamp(),
+                        started_at=epoch(job.started_at),
+                        image_done_at=epoch(image.finished_at) if image else None,
+                        finished_at=epoch(job.finished_at),
+                        batch_size=image.batch_size if image else None,
+                        engine_s=image.engine_s if image else None,
+                        pipeline_s=sum(p["total_s"] for p in timings) if timings else None,
+                    )
+    finally:
+        engine.dispose()
+    return found
