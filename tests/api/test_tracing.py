@@ -16,13 +16,14 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from sqlalchemy import create_engine, text
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from zimage_platform.config import TelemetryConfig
-from zimage_platform.telemetry.tracing import configure_tracing, exporter_for
+from zimage_platform.telemetry.tracing import configure_tracing, exporter_for, instrument_engine
 
 
 @pytest.fixture
@@ -130,3 +131,20 @@ def test_spans_reach_an_otlp_http_receiver_as_protobuf():
     child = next(s for s in spans if s.name == "denoise")
     parent = next(s for s in spans if s.name == "batch")
     assert child.parent_span_id == parent.span_id and child.trace_id == parent.trace_id
+
+
+def test_every_database_engine_in_a_process_gets_statement_spans(tmp_path):
+    """The SQLAlchemy instrumentor instruments once per process: engines made after the first
+    (a second store, a reconnect, the next test) must still get their statement spans."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    engines = [create_engine(f"sqlite:///{tmp_path / f'{n}.db'}") for n in range(3)]
+    for engine in engines:
+        instrument_engine(engine, provider)
+    instrument_engine(engines[0], provider)  # twice on one engine: still one span per statement
+    for engine in engines:
+        with engine.begin() as conn:
+            conn.execute(text("SELECT 1"))
+    statements = [s for s in exporter.get_finished_spans() if s.attributes.get("db.statement") == "SELECT 1"]
+    assert len(statements) == 3

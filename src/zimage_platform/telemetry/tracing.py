@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
-from opentelemetry import trace
+from opentelemetry import metrics, trace
 from opentelemetry.propagate import extract, inject
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 TRACER_NAME = "zimage_platform"
+SQL_INSTRUMENTATION = "opentelemetry.instrumentation.sqlalchemy"
 _lock = threading.Lock()
 _configured: dict[str, Any] = {}
 
@@ -88,10 +89,25 @@ def _instrument_libraries(provider: TracerProvider) -> None:
 
 
 def instrument_engine(engine, provider: TracerProvider | None = None) -> None:
+    """Statement spans for ``engine``. The instrumentor is process-wide and only instruments once,
+    so every engine after the first gets an ``EngineTracer`` of its own (a process may hold
+    several engines: tests, the CLI, a replica that reconnects)."""
+    if getattr(engine, "_zimage_traced", False):
+        return
     try:
         from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
+        from opentelemetry.instrumentation.sqlalchemy.engine import EngineTracer
 
-        SQLAlchemyInstrumentor().instrument(engine=engine, tracer_provider=provider or trace.get_tracer_provider())
+        provider = provider or trace.get_tracer_provider()
+        instrumentor = SQLAlchemyInstrumentor()
+        if not instrumentor.is_instrumented_by_opentelemetry:
+            instrumentor.instrument(engine=engine, tracer_provider=provider)
+        else:
+            usage = metrics.get_meter(SQL_INSTRUMENTATION).create_up_down_counter(
+                "db.client.connections.usage", unit="connections"
+            )
+            EngineTracer(trace.get_tracer(SQL_INSTRUMENTATION, tracer_provider=provider), engine, usage)
+        engine._zimage_traced = True
     except Exception as exc:
         log.warning("SQLAlchemy instrumentation unavailable: %s", exc)
 
