@@ -201,6 +201,10 @@ class PoolConfig(_Strict):
     #: Caps on the variants' batch profiles in this pool, per bucket (``default`` for the rest):
     #: a small slice holds smaller batches.
     max_batch: dict[str, int] = Field(default_factory=dict)
+    #: Caps on batches this pool's engines run for a lower pool's queue (borrowed work), per
+    #: bucket (``default`` for the rest): a short loan gives the engine back soon when this
+    #: pool's own class arrives (a realtime request waits at most one small bulk batch).
+    lend_max_batch: dict[str, int] = Field(default_factory=dict)
     #: How long the merger waits for a batch to fill, per bucket (``default`` for the rest).
     max_wait_ms: dict[str, float] = Field(default_factory=lambda: {"default": 25.0})
     #: Queue bound and deadline per class (admission control).
@@ -214,6 +218,9 @@ class PoolConfig(_Strict):
 
     def batch_cap(self, bucket: str) -> int | None:
         return self.max_batch.get(bucket, self.max_batch.get("default"))
+
+    def lend_cap(self, bucket: str) -> int | None:
+        return self.lend_max_batch.get(bucket, self.lend_max_batch.get("default"))
 
     @property
     def slice_gb(self) -> float | None:

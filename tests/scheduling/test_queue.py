@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime
 
-from zimage_platform.scheduling.dispatcher import Dispatcher, PoolPolicy
+from zimage_platform.config import PoolConfig
+from zimage_platform.scheduling.dispatcher import Dispatcher, PoolPolicy, pool_policies
 from zimage_platform.scheduling.queue import PoolQueue
 from zimage_platform.scheduling.work import WorkItem, WorkKey
 
@@ -162,6 +164,34 @@ def test_idle_higher_pool_borrows_lower_work_but_not_while_its_own_class_waits()
     d.submit(item("b8", at=0.1, priority="bulk"))
     nxt, _ = d.next_batch(now=0.1)
     assert ids(nxt.items) == ["rt1"] and nxt.pool == "rt"
+
+
+def test_a_lending_pool_caps_borrowed_batches_but_not_its_own():
+    """``lend_max_batch``: a realtime engine on loan runs short bulk batches, so a realtime
+    arrival waits behind at most one of them; its own work still gets the full batch."""
+    rt, std, bulk = pools(max_batch=4)
+    rt = replace(rt, lend_batch=lambda k: 1)
+    d = Dispatcher([rt, std, bulk])
+    d.set_capacity("rt", "turbo", 1)
+    for n in range(8):
+        d.submit(item(f"b{n}", at=0.0, priority="bulk"))
+    borrowed, _ = d.next_batch(now=0.0)
+    assert borrowed.pool == "rt" and borrowed.source_pool == "bulk" and ids(borrowed.items) == ["b0"]
+    d.done(borrowed)
+    for n in range(3):
+        d.submit(item(f"r{n}", at=0.1, priority="realtime"))
+    own, _ = d.next_batch(now=0.1)
+    assert own.pool == "rt" and ids(own.items) == ["r0", "r1", "r2"]
+
+
+def test_pool_policies_read_lend_caps_from_the_config(config):
+    pools_cfg = {
+        "rt": PoolConfig(classes=["realtime"], variants=["turbo"], lend_max_batch={"default": 1}),
+        "rest": PoolConfig(classes=["standard", "bulk"], variants=["turbo"]),
+    }
+    policies = {p.name: p for p in pool_policies(config.model_copy(update={"pools": pools_cfg}))}
+    assert policies["rt"].lend_batch(K64) == 1 and policies["rt"].max_batch(K64) > 1
+    assert policies["rest"].lend_batch is None
 
 
 def test_variants_only_run_where_an_engine_exists():

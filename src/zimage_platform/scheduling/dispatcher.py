@@ -7,7 +7,8 @@ busy still overtakes lower-priority work that arrived before it.
 
 Borrowing: a pool whose own queue is empty lends its free engines to the queues of pools that
 serve lower classes. It never takes work while its own class waits, and a pool's own engines
-serve its own queue before anyone else's.
+serve its own queue before anyone else's. A pool may cap the batches it runs on loan
+(``lend_max_batch``), so its own class never waits behind a long borrowed batch.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ class PoolPolicy:
     max_wait: Callable[[WorkKey], float]
     #: Largest batch per key (the engine's compiled profile).
     max_batch: Callable[[WorkKey], int]
+    #: Largest batch per key when running a lower pool's work (borrowing); default: ``max_batch``.
+    lend_batch: Callable[[WorkKey], int] | None = None
 
     @property
     def rank(self) -> int:
@@ -51,6 +54,7 @@ def pool_policies(config: PlatformConfig) -> list[PoolPolicy]:
         pool = config.pools[name]
         waits: dict[WorkKey, float] = {}
         caps: dict[WorkKey, int] = {}
+        lend_caps: dict[WorkKey, int] = {}
 
         def max_wait(key: WorkKey) -> float:
             if key not in waits:
@@ -64,12 +68,19 @@ def pool_policies(config: PlatformConfig) -> list[PoolPolicy]:
                 caps[key] = min(engine, cap) if cap else engine
             return caps[key]
 
+        def lend_batch(key: WorkKey) -> int:
+            if key not in lend_caps:
+                cap = pool.lend_cap(key.size)
+                lend_caps[key] = min(max_batch(key), cap) if cap else max_batch(key)
+            return lend_caps[key]
+
         return PoolPolicy(
             name=name,
             classes=tuple(pool.classes),
             variants=tuple(config.pool_variants(name)),
             max_wait=max_wait,
             max_batch=max_batch,
+            lend_batch=lend_batch if pool.lend_max_batch else None,
         )
 
     return [policy(name) for name in config.pools]
@@ -178,8 +189,9 @@ class Dispatcher:
     def _from(
         self, runner: PoolPolicy, source: PoolPolicy, now: float, free: list[str]
     ) -> tuple[Batch | None, float | None]:
+        cap = runner.max_batch if runner is source or runner.lend_batch is None else runner.lend_batch
         items, wake_at = self.queues[source.name].next_batch(
-            now, max_batch=runner.max_batch, max_wait=source.max_wait, variants=free
+            now, max_batch=cap, max_wait=source.max_wait, variants=free
         )
         if not items:
             return None, wake_at
