@@ -46,6 +46,7 @@ from bench.common import (
     markdown_table,
     percentile,
     ratio,
+    read_json,
     run_meta,
     wait_all_ready,
     write_json,
@@ -415,9 +416,7 @@ def main(
 ) -> None:
     """Realtime p95 while a bulk tenant floods at ≥10× capacity; bulk throughput, 429s, nothing lost."""
     if render is not None:
-        import json
-
-        saved = json.loads(render.read_text())
+        saved = read_json(render)
         print(markdown(saved["meta"], saved["results"]))
         return
     from zimage_platform.config import load_config

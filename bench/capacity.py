@@ -43,6 +43,7 @@ from bench.common import (
     markdown_table,
     percentile,
     read_job_times,
+    read_json,
     run_meta,
     timed_post,
     wait_all_ready,
@@ -298,7 +299,7 @@ def main(
 ) -> None:
     """Simulator vs the real platform: p95 per class, simulated with the engine latency of the same run."""
     if from_json is not None:
-        saved = json.loads(from_json.read_text())
+        saved = read_json(from_json)
         meta, measured = saved["meta"], saved["measured"]
         size, max_wait_ms = saved["size"], saved["max_wait_ms"]
     else:

@@ -38,6 +38,7 @@ from bench.common import (
     markdown_table,
     percentile,
     read_job_times,
+    read_json,
     run_meta,
     wait_all_ready,
     write_json,
@@ -244,7 +245,7 @@ def main(
 ) -> None:
     """ComfyUI client round trip (POST /prompt → executing null) on the Serve app vs the native API."""
     if render is not None:
-        data = json.loads(render.read_text())
+        data = read_json(render)
         print(markdown(data["meta"], data["summary"]))
         return
     from zimage_platform.config import load_config

@@ -271,9 +271,11 @@ def run_meta(command_args: list[str], **extra: Any) -> dict[str, Any]:
 
 
 def write_json(path: Path | None, data: dict[str, Any]) -> None:
-    """Raw results, compact: thousands of HTTP samples would make a pretty-printed file megabytes."""
+    """Raw results, compact: thousands of HTTP samples would make a pretty-printed file megabytes
+    (a path ending in ``.gz`` is gzipped: how the larger runs are kept in the repository)."""
     if path is None:
         return
+    import gzip
     import json
 
     def rounded(value: Any) -> Any:  # microseconds are plenty, for durations and epoch times alike
@@ -286,8 +288,21 @@ def write_json(path: Path | None, data: dict[str, Any]) -> None:
         return value
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(rounded(data), separators=(",", ":"), default=str) + "\n")
+    text = json.dumps(rounded(data), separators=(",", ":"), default=str) + "\n"
+    if path.suffix == ".gz":
+        path.write_bytes(gzip.compress(text.encode(), mtime=0))
+    else:
+        path.write_text(text)
     log(f"raw results: {path}")
+
+
+def read_json(path: Path) -> Any:
+    """A ``--json-out`` file, plain or gzipped (``--render``, ``--from-json``)."""
+    import gzip
+    import json
+
+    raw = path.read_bytes()
+    return json.loads(gzip.decompress(raw) if path.suffix == ".gz" else raw)
 
 
 # -- the real platform on Ray Serve, started and stopped by a benchmark -------------------------

@@ -52,6 +52,7 @@ from bench.common import (
     peak_rss_bytes,
     quiet_libraries,
     ratio,
+    read_json,
     rss_bytes,
     source_version,
     wait_for_quiet,
@@ -738,7 +739,7 @@ def main(
 ) -> None:
     """Torch eager vs ONNX Runtime on the tiny checkpoint: s/img, denoiser forwards/s, peak RSS."""
     if render is not None:
-        print(Report.from_json(json.loads(render.read_text())).markdown())
+        print(Report.from_json(read_json(render)).markdown())
         return
     try:
         config = load_config(config_path)

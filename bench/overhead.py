@@ -55,6 +55,7 @@ from bench.common import (
     parse_sizes,
     percentile,
     read_job_times,
+    read_json,
     run_meta,
     timed_post,
     wait_all_ready,
@@ -636,7 +637,7 @@ def main(
 ) -> None:
     """Platform vs bare Ray Serve app, one client: p50/p95 latency, the p50 the platform adds, and where."""
     if render is not None:
-        print(Report.from_json(json.loads(render.read_text())).markdown())
+        print(Report.from_json(read_json(render)).markdown())
         return
     from zimage_platform.config import load_config
 

@@ -51,6 +51,7 @@ from bench.common import (
     percentile,
     ratio,
     read_job_times,
+    read_json,
     run_meta,
     timed_post,
     wait_all_ready,
@@ -441,7 +442,7 @@ def main(
 ) -> None:
     """Real platform over HTTP, closed loop: batch merging vs max batch 1 (images/s, latency, batch sizes)."""
     if render is not None:
-        print(Report.from_json(json.loads(render.read_text())).markdown())
+        print(Report.from_json(read_json(render)).markdown())
         return
     from zimage_platform.config import load_config
 
