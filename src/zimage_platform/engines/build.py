@@ -7,9 +7,6 @@ the same tools is reused (the three tiny variants share one checkpoint, hence on
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,6 +23,7 @@ from zimage_platform.engines.engine import (
     get_backend,
 )
 from zimage_platform.engines.export import ONNX_OPSET
+from zimage_platform.engines.folders import files_intact, link_or_copy, staged_folder
 from zimage_platform.engines.manifest import (
     EngineManifest,
     Verification,
@@ -95,37 +93,24 @@ def build_engine(
         tools=tool_versions(),
         profiles=profiles,
     )
-    if not force and existing and _same_artifacts(existing, manifest, impl) and _files_intact(folder, existing):
+    if not force and existing and _same_artifacts(existing, manifest, impl) and files_intact(folder, existing):
         if existing.profiles != manifest.profiles:  # only the advisory profiles changed
             existing.profiles = manifest.profiles
             write_manifest(folder, existing)
         return existing
-    staging = Path(tempfile.mkdtemp(prefix=f".{backend}-", dir=_ensure(folder.parent)))
-    try:
+    with staged_folder(folder, prefix=f".{backend}-") as staging:
         donor = None if force else _find_donor(config, manifest, impl)
         if donor is not None:
             donor_folder, donor_manifest = donor
             for name in donor_manifest.files:
-                _link_or_copy(donor_folder / name, staging / name)
+                link_or_copy(donor_folder / name, staging / name)
             files = list(donor_manifest.files)
         else:
             pipe = load_pipeline(info.path, torch.float32)
             files = impl.build(pipe, staging, profiles, precision=precision)
         manifest.files = {name: sha256_file(staging / name) for name in files}
         write_manifest(staging, manifest)
-        os.chmod(staging, 0o755)
-        if folder.exists():
-            shutil.rmtree(folder)
-        staging.rename(folder)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     return manifest
-
-
-def _ensure(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def _same_artifacts(a: EngineManifest, b: EngineManifest, backend: Backend) -> bool:
@@ -134,12 +119,6 @@ def _same_artifacts(a: EngineManifest, b: EngineManifest, backend: Backend) -> b
     if backend.profiles_in_artifacts:
         keys.append("profiles")
     return all(getattr(a, k) == getattr(b, k) for k in keys)
-
-
-def _files_intact(folder: Path, manifest: EngineManifest) -> bool:
-    return bool(manifest.files) and all(
-        (folder / n).is_file() and sha256_file(folder / n) == h for n, h in manifest.files.items()
-    )
 
 
 def _find_donor(
@@ -151,16 +130,9 @@ def _find_donor(
             continue
         folder = engine_folder(config, other, manifest.backend, manifest.precision)
         candidate = read_manifest(folder)
-        if candidate and _same_artifacts(candidate, manifest, backend) and _files_intact(folder, candidate):
+        if candidate and _same_artifacts(candidate, manifest, backend) and files_intact(folder, candidate):
             return folder, candidate
     return None
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
 
 
 # -- verification ---------------------------------------------------------------------------

@@ -14,14 +14,12 @@ the engine's ``manifest.json`` beside its files.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from zimage_platform.engines.engine import engine_folder, get_backend
+from zimage_platform.engines.folders import link_or_copy, staged_folder
 from zimage_platform.engines.manifest import MANIFEST_NAME, EngineManifest, check_manifest, read_manifest, sha256_file
 from zimage_platform.errors import EngineError, InvalidRequest
 from zimage_platform.storage.results import ObjectNotFound, ResultStore
@@ -118,24 +116,15 @@ def pull_engine(config: PlatformConfig, target: Target, uri: str) -> bool:
         local = None
     if local == remote and _intact(folder, remote):
         return False
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".pull-{folder.name}-", dir=folder.parent))
-    try:
+    with staged_folder(folder, prefix=f".pull-{folder.name}-") as staging:
         for name, digest in sorted(remote.files.items()):
             have = folder / name
             if have.is_file() and sha256_file(have) == digest:
-                _link_or_copy(have, staging / name)  # unchanged since the last pull: no download
+                link_or_copy(have, staging / name)  # unchanged since the last pull: no download
             else:
                 store.get_file(_key(prefix, target, name), staging / name)
         check_manifest(staging, remote, checkpoint_fingerprint=remote.checkpoint_fingerprint, buckets=remote.buckets)
         (staging / MANIFEST_NAME).write_bytes(raw)
-        os.chmod(staging, 0o755)
-        if folder.exists():
-            shutil.rmtree(folder)
-        staging.rename(folder)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     return True
 
 
@@ -145,10 +134,3 @@ def _intact(folder: Path, manifest: EngineManifest) -> bool:
     except EngineError:
         return False
     return True
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
