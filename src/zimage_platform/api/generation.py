@@ -82,6 +82,15 @@ def store_input_image(services: PlatformServices, tenant: TenantSpec, data: byte
     return image, key
 
 
+#: Generation fields the wire schemas (images, jobs) share, by name, with ``GenerationParams``.
+SHARED_PARAMS = ("prompt", "size", "n", "seed", "steps", "guidance", "negative_prompt", "sampler", "shift")
+
+
+def params_from(request: Any, **rest: Any) -> GenerationParams:
+    """A wire request's generation parameters; ``rest`` gives what its schema says differently."""
+    return GenerationParams(**{**{name: getattr(request, name) for name in SHARED_PARAMS}, **rest})
+
+
 def prepare_job(
     services: PlatformServices,
     tenant: TenantSpec,

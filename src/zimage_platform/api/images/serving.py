@@ -8,6 +8,7 @@ from typing import Any
 
 from zimage_platform.api.generation import (
     job_view,
+    params_from,
     prepare_job,
     raise_for_failed,
     request_hash,
@@ -17,7 +18,6 @@ from zimage_platform.api.generation import (
 from zimage_platform.api.images.protocol import ImageGenerationRequest
 from zimage_platform.api.services import PlatformServices
 from zimage_platform.errors import InvalidRequest, PlatformError
-from zimage_platform.pipeline.params import GenerationParams
 from zimage_platform.telemetry.context import RequestTrace
 from zimage_platform.tenancy import TenantSpec
 
@@ -56,16 +56,9 @@ async def generate(
 ) -> dict[str, Any]:
     variant = variant_for(services, request.model, request.variant)
     input_image, input_key = store_input_image(services, tenant, image) if image is not None else (None, None)
-    params = GenerationParams(
-        prompt=request.prompt,
+    params = params_from(
+        request,
         size=None if request.size in (None, "auto") else request.size,
-        n=request.n,
-        seed=request.seed,
-        steps=request.steps,
-        guidance=request.guidance,
-        negative_prompt=request.negative_prompt,
-        sampler=request.sampler,
-        shift=request.shift,
         image=input_image,
         strength=strength,
     )

@@ -9,6 +9,7 @@ from typing import Any
 from zimage_platform.api.generation import (
     fetch_image_url,
     job_view,
+    params_from,
     prepare_job,
     request_hash,
     store_input_image,
@@ -23,16 +24,8 @@ from zimage_platform.tenancy import TenantSpec
 
 
 def params_of(request: JobRequest, image=None) -> GenerationParams:
-    return GenerationParams(
-        prompt=request.prompt,
-        size=request.size,
-        n=request.n,
-        seed=request.seed,
-        steps=request.steps,
-        guidance=request.guidance,
-        negative_prompt=request.negative_prompt,
-        sampler=request.sampler,
-        shift=request.shift,
+    return params_from(
+        request,
         image=image,
         strength=request.strength,
         hires_from=request.hires.from_size if request.hires else None,
