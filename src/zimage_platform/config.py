@@ -368,6 +368,11 @@ class ServeConfig(_Strict):
     app_name: str = "zimage"
     route_prefix: str = "/"
     ingress_replicas: int = Field(1, ge=1)
+    #: Job submissions one ingress replica lets into the write path (scheduler, job rows) at
+    #: once, per priority class; a class not listed has no limit. Serve's proxy is FIFO for
+    #: everyone: without this, a bulk flood's submissions fill the scheduler's event loop ahead
+    #: of a realtime request. The excess waits here, in memory, costing no CPU.
+    submit_concurrency: dict[PriorityClass, int] = Field(default_factory=lambda: {"standard": 32, "bulk": 4})
     #: Seconds a stopping replica gets to finish in-flight batches (the rest go back to the queue).
     graceful_shutdown_s: float = Field(120.0, ge=0)
     health_check_period_s: float = Field(10.0, gt=0)

@@ -188,13 +188,15 @@ def prepare_job(
 
 
 async def submit(services: PlatformServices, tenant: TenantSpec, job: NewJob) -> tuple[JobRow, bool]:
-    """Images-per-minute limit, then the scheduler's admission (queue bound, concurrency, quota).
-    A replayed Idempotency-Key returns its job without spending the tenant's limits again."""
+    """Images-per-minute limit, then the scheduler's admission (queue bound, concurrency, quota),
+    entered through the class's submit gate. A replayed Idempotency-Key returns its job without
+    spending the tenant's limits again."""
     if job.idempotency_key and (existing := services.store.find_idempotent(job)) is not None:
         return existing, False
     services.rate_limiter.check_images(tenant.id, tenant.limits.images_per_minute, len(job.seeds))
-    job_id, created = await services.scheduler.submit(job)
-    return services.store.get(job_id, job.tenant_id), created
+    async with services.submit_gates.enter(job.priority_class):
+        job_id, created = await services.scheduler.submit(job)
+        return services.store.get(job_id, job.tenant_id), created
 
 
 def job_view(services: PlatformServices, row: JobRow, *, presign: bool = True) -> dict[str, Any]:

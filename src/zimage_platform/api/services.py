@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+import asyncio
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import httpx
@@ -28,6 +30,23 @@ class SchedulerClient(Protocol):
     async def status(self) -> dict[str, Any]: ...
 
 
+class SubmitGates:
+    """Per priority class, how many submissions of this replica are in the write path at once
+    (``serve.submit_concurrency``): a lower class's flood queues here, higher classes pass."""
+
+    def __init__(self, limits: Mapping[str, int]) -> None:
+        self._gates = {name: asyncio.Semaphore(n) for name, n in limits.items()}
+
+    @asynccontextmanager
+    async def enter(self, priority_class: str) -> AsyncIterator[None]:
+        gate = self._gates.get(priority_class)
+        if gate is None:
+            yield
+            return
+        async with gate:
+            yield
+
+
 @dataclass
 class PlatformServices:
     config: PlatformConfig
@@ -39,3 +58,4 @@ class PlatformServices:
     rate_limiter: TenantRateLimiter
     policies: PolicyRegistry
     audit: AuditLog
+    submit_gates: SubmitGates = field(default_factory=lambda: SubmitGates({}))

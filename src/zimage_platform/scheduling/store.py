@@ -130,22 +130,24 @@ class JobStore:
             existing = self._by_idempotency_key(job.tenant_id, job.idempotency_key)
             if existing is not None:
                 return self._same_request(existing, job), False
+        row = job.row(utcnow())
         try:
             with self.session() as s, s.begin():
-                s.add(job.row(utcnow()))
+                s.add(row)
         except IntegrityError:
             existing = self._by_idempotency_key(job.tenant_id, job.idempotency_key or "")
             if existing is None:
                 raise
             return self._same_request(existing, job), False
-        return self.get(job.id), True
+        return row, True  # every column is set here (no server defaults): no read-back
 
     def create_many(self, jobs: Sequence[NewJob]) -> list[JobRow]:
         """Bulk insert in one transaction (bulk batches: thousands of rows)."""
         now = utcnow()
+        rows = [j.row(now) for j in jobs]
         with self.session() as s, s.begin():
-            s.add_all(j.row(now) for j in jobs)
-        return [self.get(j.id) for j in jobs]
+            s.add_all(rows)
+        return rows
 
     def find_idempotent(self, job: NewJob) -> JobRow | None:
         """The job an earlier submission with this Idempotency-Key created (409 if the body differs)."""

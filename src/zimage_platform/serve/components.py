@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import httpx
 
-from zimage_platform.api.services import PlatformServices, SchedulerClient
+from zimage_platform.api.services import PlatformServices, SchedulerClient, SubmitGates
 from zimage_platform.config import PlatformConfig
 from zimage_platform.db import create_db_engine, upgrade
 from zimage_platform.scheduling.notifications import (
@@ -106,4 +106,5 @@ def platform_services(
         rate_limiter=rate_limiter(config),
         policies=policy_registry(config),
         audit=AuditLog(store.engine),
+        submit_gates=SubmitGates(config.serve.submit_concurrency),
     )
