@@ -2,30 +2,22 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import httpx
 import pytest
 import pytest_asyncio
 
+from isolated import isolated_config
 from tenants import add_tenant
 
 
 @pytest.fixture(scope="module")
 def api_config(config, s3, tmp_path_factory):
-    root: Path = tmp_path_factory.mktemp("api")
-    os.environ["AWS_ACCESS_KEY_ID"] = s3.access_key
-    os.environ["AWS_SECRET_ACCESS_KEY"] = s3.secret_key
-    return config.model_copy(
-        update={
-            "paths": config.paths.model_copy(update={"data_dir": root / "var"}),
-            "storage": config.storage.model_copy(update={"endpoint_url": s3.endpoint_url, "bucket": "results"}),
-            "database": config.database.model_copy(update={"url": f"sqlite:///{root / 'jobs.db'}"}),
-            "webhooks": config.webhooks.model_copy(update={"allow_private": True, "signing_secret": None}),
-            "limits": config.limits.model_copy(update={"allow_private_urls": True, "sync_timeout_s": 60}),
-            "tenancy": config.tenancy.model_copy(update={"dirs": [root / "tenants"], "reload_s": 0.01}),
-        }
+    return isolated_config(
+        config,
+        s3,
+        tmp_path_factory.mktemp("api"),
+        webhooks={"allow_private": True, "signing_secret": None},
+        limits={"allow_private_urls": True, "sync_timeout_s": 60},
     )
 
 

@@ -5,13 +5,12 @@ so blocking clients (urllib, websocket-client) talk to it exactly as to a ComfyU
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import threading
-from pathlib import Path
 
 import pytest
 
+from isolated import isolated_config
 from tenants import add_tenant
 
 
@@ -84,18 +83,7 @@ class ServerThread:
 
 @pytest.fixture(scope="module")
 def comfy_config(config, s3, tmp_path_factory):
-    root: Path = tmp_path_factory.mktemp("comfy")
-    os.environ["AWS_ACCESS_KEY_ID"] = s3.access_key
-    os.environ["AWS_SECRET_ACCESS_KEY"] = s3.secret_key
-    return config.model_copy(
-        update={
-            "paths": config.paths.model_copy(update={"data_dir": root / "var"}),
-            "storage": config.storage.model_copy(update={"endpoint_url": s3.endpoint_url, "bucket": "results"}),
-            "database": config.database.model_copy(update={"url": f"sqlite:///{root / 'jobs.db'}"}),
-            "limits": config.limits.model_copy(update={"max_input_image_bytes": 256 * 1024}),
-            "tenancy": config.tenancy.model_copy(update={"dirs": [root / "tenants"], "reload_s": 0.01}),
-        }
-    )
+    return isolated_config(config, s3, tmp_path_factory.mktemp("comfy"), limits={"max_input_image_bytes": 256 * 1024})
 
 
 @pytest.fixture(scope="module")
