@@ -23,6 +23,7 @@ How it measures, and why:
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import sys
 import time
@@ -199,7 +200,8 @@ async def bulk_flood(
             phase.bulk_answers[f"{answer.status_code} {code}"] += 1
 
     tasks, start, i = [], time.perf_counter(), 0
-    while time.perf_counter() - start < seconds:
+    total = math.ceil(seconds * jobs_per_s)  # by count, not by clock: the offer is never short
+    while i < total:
         tasks.append(asyncio.create_task(one(i)))
         i += 1
         phase.bulk_sent += 1
