@@ -39,6 +39,8 @@ from bench.common import (
     REPO,
     VARIANT,
     BenchCluster,
+    JsonOut,
+    Render,
     Target,
     add_tenant,
     fmt_num,
@@ -407,10 +409,8 @@ def main(
     threads: Annotated[int, typer.Option(min=1, help="Intra-op threads per engine replica.")] = 1,
     calibration_images: Annotated[int, typer.Option(min=8, help="Images in the capacity calibration.")] = 128,
     drain_timeout: Annotated[float, typer.Option(min=10, help="Seconds to wait for accepted jobs to finish.")] = 900,
-    json_out: Annotated[Path | None, typer.Option(help="Write raw results here as JSON.")] = None,
-    render: Annotated[
-        Path | None, typer.Option(help="Print the table of an earlier --json-out file instead of measuring.")
-    ] = None,
+    json_out: JsonOut = None,
+    render: Render = None,
     config_path: Annotated[Path, typer.Option("--config", help="Platform config YAML (pool layout).")] = REPO
     / "deploy"
     / "config"

@@ -36,6 +36,8 @@ from bench.common import (
     BENCH_LIMITS,
     VARIANT,
     BenchCluster,
+    ConfigPath,
+    JsonOut,
     Target,
     add_tenant,
     generation_body,
@@ -291,8 +293,8 @@ def main(
     mix: Annotated[str, typer.Option(help="Shares of realtime,standard,bulk.")] = "0.3,0.4,0.3",
     seed: Annotated[int, typer.Option()] = 1,
     max_wait_ms: Annotated[float, typer.Option(help="The pool's merge wait.")] = 20.0,
-    json_out: Annotated[Path | None, typer.Option(help="Write samples (with job timestamps) and the report.")] = None,
-    config_path: Annotated[Path | None, typer.Option("--config", help="Platform config YAML.")] = None,
+    json_out: JsonOut = None,
+    config_path: ConfigPath = None,
     from_json: Annotated[
         Path | None, typer.Option(help="Re-simulate a saved --json-out run instead of measuring.")
     ] = None,

@@ -32,6 +32,9 @@ from bench.common import (
     BENCH_LIMITS,
     BENCH_TENANT,
     BenchCluster,
+    ConfigPath,
+    JsonOut,
+    Render,
     add_tenant,
     fmt_num,
     log,
@@ -239,9 +242,9 @@ def main(
     warmup: Annotated[int, typer.Option(min=0, help="Unmeasured prompts per path and app first.")] = 5,
     size: Annotated[int, typer.Option(help="Square size; a turbo bucket.")] = 64,
     steps: Annotated[int, typer.Option(min=1, help="Sampler steps.")] = 1,
-    json_out: Annotated[Path | None, typer.Option(help="Write samples and the summary here as JSON.")] = None,
-    config_path: Annotated[Path | None, typer.Option("--config", help="Platform config YAML.")] = None,
-    render: Annotated[Path | None, typer.Option(help="Print the table of an earlier --json-out file.")] = None,
+    json_out: JsonOut = None,
+    config_path: ConfigPath = None,
+    render: Render = None,
 ) -> None:
     """ComfyUI client round trip (POST /prompt → executing null) on the Serve app vs the native API."""
     if render is not None:

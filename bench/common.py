@@ -16,7 +16,9 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
 
 if TYPE_CHECKING:
     import httpx
@@ -31,6 +33,21 @@ CORES = os.cpu_count() or 1
 #: Machine-wide CPU counters tick at 1/CLK_TCK s per core: a run's "others" reading may be off by
 #: a tick per core at each end, which alone would make a 50 ms run look noisy.
 TICK_SLACK_S = 2 * CORES / os.sysconf("SC_CLK_TCK")
+
+
+# -- options every benchmark spells the same way ------------------------------------------------
+
+MaxNoise = Annotated[
+    float, typer.Option(min=0, max=1, help="CPU share other processes may take while a measurement counts as clean.")
+]
+QuietWait = Annotated[
+    float, typer.Option(min=0, help="Seconds to wait, before each measurement, for other processes to quieten.")
+]
+JsonOut = Annotated[
+    Path | None, typer.Option(help="Write raw samples and the summary here as JSON (a .gz path: gzipped).")
+]
+ConfigPath = Annotated[Path | None, typer.Option("--config", help="Platform config YAML.")]
+Render = Annotated[Path | None, typer.Option(help="Print the tables of an earlier --json-out file; measures nothing.")]
 
 
 def quiet_libraries() -> None:

@@ -41,6 +41,11 @@ from bench.common import (
     CORES,
     MIB,
     TICK_SLACK_S,
+    ConfigPath,
+    JsonOut,
+    MaxNoise,
+    QuietWait,
+    Render,
     Target,
     fmt_num,
     log,
@@ -718,24 +723,18 @@ def main(
     ] = 5,
     buckets: Annotated[str, typer.Option(help="Comma-separated buckets.")] = "64x64,128x128,256x256,512x512",
     batches: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,4",
-    json_out: Annotated[Path | None, typer.Option(help="Write raw samples and the summary here as JSON.")] = None,
+    json_out: JsonOut = None,
     compile_: Annotated[
         bool, typer.Option("--compile", help="Add a torch.compile worker (skipped if its warm-up is too slow).")
     ] = False,
     compile_timeout: Annotated[float, typer.Option(help="Seconds the torch.compile warm-up may take.")] = 180.0,
-    max_noise: Annotated[
-        float, typer.Option(min=0, max=1, help="CPU share other processes may take for a run to count as clean.")
-    ] = 0.1,
-    quiet_wait: Annotated[
-        float, typer.Option(min=0, help="Seconds to wait, before each case, for other processes to quieten.")
-    ] = 5.0,
-    config_path: Annotated[Path | None, typer.Option("--config", help="Platform config YAML.")] = None,
+    max_noise: MaxNoise = 0.1,
+    quiet_wait: QuietWait = 5.0,
+    config_path: ConfigPath = None,
     data_dir: Annotated[
         Path | None, typer.Option(help="Override paths.data_dir (default from the config: var/).")
     ] = None,
-    render: Annotated[
-        Path | None, typer.Option(help="Print the tables of an earlier --json-out file instead of measuring.")
-    ] = None,
+    render: Render = None,
 ) -> None:
     """Torch eager vs ONNX Runtime on the tiny checkpoint: s/img, denoiser forwards/s, peak RSS."""
     if render is not None:

@@ -32,7 +32,6 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -43,9 +42,14 @@ from bench.common import (
     PROMPT,
     VARIANT,
     BenchCluster,
+    ConfigPath,
     CpuSnapshot,
     HttpSample,
     JobTimes,
+    JsonOut,
+    MaxNoise,
+    QuietWait,
+    Render,
     Target,
     add_tenant,
     fmt_num,
@@ -623,17 +627,11 @@ def main(
     block: Annotated[int, typer.Option(min=1, help="Sequential requests per contender, size and round.")] = 10,
     warmup: Annotated[int, typer.Option(min=0, help="Unmeasured requests per contender and size first.")] = 5,
     hop_count: Annotated[int, typer.Option(min=1, help="Direct timings of each DB/S3 call.")] = 50,
-    max_noise: Annotated[
-        float, typer.Option(min=0, max=1, help="CPU share other processes may take before a block starts.")
-    ] = 0.1,
-    quiet_wait: Annotated[
-        float, typer.Option(min=0, help="Seconds to wait, before each block, for other processes to quieten.")
-    ] = 3.0,
-    json_out: Annotated[Path | None, typer.Option(help="Write raw samples and the summary here as JSON.")] = None,
-    config_path: Annotated[Path | None, typer.Option("--config", help="Platform config YAML.")] = None,
-    render: Annotated[
-        Path | None, typer.Option(help="Print the tables of an earlier --json-out file instead of measuring.")
-    ] = None,
+    max_noise: MaxNoise = 0.1,
+    quiet_wait: QuietWait = 3.0,
+    json_out: JsonOut = None,
+    config_path: ConfigPath = None,
+    render: Render = None,
 ) -> None:
     """Platform vs bare Ray Serve app, one client: p50/p95 latency, the p50 the platform adds, and where."""
     if render is not None:

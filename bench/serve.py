@@ -28,7 +28,6 @@ import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -38,8 +37,13 @@ from bench.common import (
     BENCH_TENANT,
     VARIANT,
     BenchCluster,
+    ConfigPath,
     CpuSnapshot,
     HttpSample,
+    JsonOut,
+    MaxNoise,
+    QuietWait,
+    Render,
     Target,
     add_tenant,
     fmt_num,
@@ -428,17 +432,11 @@ def main(
     rounds: Annotated[int, typer.Option(min=1, help="Times every cell runs on each configuration.")] = 2,
     duration: Annotated[float, typer.Option(min=1, help="Measured seconds per cell and round.")] = 10.0,
     warmup: Annotated[float, typer.Option(min=0, help="Unmeasured seconds before each window.")] = 3.0,
-    max_noise: Annotated[
-        float, typer.Option(min=0, max=1, help="CPU share other processes may take before a run starts.")
-    ] = 0.1,
-    quiet_wait: Annotated[
-        float, typer.Option(min=0, help="Seconds to wait, before each run, for other processes to quieten.")
-    ] = 3.0,
-    json_out: Annotated[Path | None, typer.Option(help="Write raw samples and the summary here as JSON.")] = None,
-    config_path: Annotated[Path | None, typer.Option("--config", help="Platform config YAML.")] = None,
-    render: Annotated[
-        Path | None, typer.Option(help="Print the tables of an earlier --json-out file instead of measuring.")
-    ] = None,
+    max_noise: MaxNoise = 0.1,
+    quiet_wait: QuietWait = 3.0,
+    json_out: JsonOut = None,
+    config_path: ConfigPath = None,
+    render: Render = None,
 ) -> None:
     """Real platform over HTTP, closed loop: batch merging vs max batch 1 (images/s, latency, batch sizes)."""
     if render is not None:
