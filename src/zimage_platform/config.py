@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -372,7 +372,7 @@ class ServeConfig(_Strict):
     #: once, per priority class; a class not listed has no limit. Serve's proxy is FIFO for
     #: everyone: without this, a bulk flood's submissions fill the scheduler's event loop ahead
     #: of a realtime request. The excess waits here, in memory, costing no CPU.
-    submit_concurrency: dict[PriorityClass, int] = Field(default_factory=lambda: {"standard": 32, "bulk": 4})
+    submit_concurrency: dict[PriorityClass, PositiveInt] = Field(default_factory=lambda: {"standard": 32, "bulk": 4})
     #: Seconds a stopping replica gets to finish in-flight batches (the rest go back to the queue).
     graceful_shutdown_s: float = Field(120.0, ge=0)
     health_check_period_s: float = Field(10.0, gt=0)

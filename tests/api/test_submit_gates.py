@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+from pydantic import ValidationError
+
 from zimage_platform.api.services import SubmitGates
 from zimage_platform.config import ServeConfig
 
@@ -31,3 +34,9 @@ async def test_a_bulk_flood_waits_at_its_gate_while_realtime_passes():
 def test_the_default_gates_leave_realtime_unlimited():
     limits = ServeConfig().submit_concurrency
     assert "realtime" not in limits and limits["bulk"] < limits["standard"]
+
+
+def test_a_gate_of_zero_is_refused_at_config_load():
+    """A zero gate would hold a class's submissions forever: the config refuses it, naming the field."""
+    with pytest.raises(ValidationError, match=r"submit_concurrency\.bulk"):
+        ServeConfig(submit_concurrency={"bulk": 0})
