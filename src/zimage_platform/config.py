@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from decimal import Decimal
 from functools import cached_property
 from pathlib import Path
@@ -24,6 +25,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from zimage_platform.errors import InvalidRequest
 from zimage_platform.pipeline.buckets import BucketSet, Resolution
 
 Backend = Literal["torch", "onnxruntime", "tensorrt"]
@@ -514,6 +516,38 @@ class PlatformConfig(BaseSettings):
 
     def pool_variants(self, pool: str) -> list[str]:
         return self.pools[pool].variants or sorted(self.variants)
+
+    def deployment_counts(
+        self, spec: Mapping[str, int], option: str, source: str = "the platform config"
+    ) -> dict[tuple[str, str], int]:
+        """``{"pool": n}`` (each engine deployment of the pool) or ``{"pool/variant": n}`` as counts
+        per (pool, variant), checked against the pools: replicas for ``plan``, minimums for
+        ``ops promo``. Errors name the flag (``option``) and where the pools came from (``source``)."""
+        counts: dict[tuple[str, str], int] = {}
+        for name, n in spec.items():
+            pool, _, variant = name.partition("/")
+            if pool not in self.pools:
+                raise InvalidRequest(
+                    f"{option} {name}: unknown pool {pool!r} (there is no pool {pool!r} in {source})",
+                    code="unknown_pool",
+                    param=option,
+                    choices=sorted(self.pools),
+                )
+            variants = self.pool_variants(pool)
+            if variant and variant not in variants:
+                raise InvalidRequest(
+                    f"{option} {name}: pool {pool!r} does not serve {variant!r}",
+                    code="unknown_variant",
+                    param=option,
+                    choices=variants,
+                )
+            if n < 0:
+                raise InvalidRequest(
+                    f"{option} {name}: must be at least 0, not {n}", code="invalid_count", param=option
+                )
+            for v in [variant] if variant else variants:
+                counts[(pool, v)] = n
+        return counts
 
 
 def load_variant_specs(engines_dir: Path) -> dict[str, VariantSpec]:

@@ -109,23 +109,6 @@ def _platform_config(app: dict[str, Any]) -> PlatformConfig:
     return load_config(args.get("config_path"))
 
 
-def parse_minimums(config: PlatformConfig, spec: dict[str, int]) -> dict[tuple[str, str], int]:
-    """``{"pool": n}`` (each engine deployment of the pool) or ``{"pool/variant": n}``."""
-    mins: dict[tuple[str, str], int] = {}
-    for name, n in spec.items():
-        pool, _, variant = name.partition("/")
-        if pool not in config.pools:
-            raise ValueError(f"--min-replicas {name}: the RayService has no pool {pool!r} ({', '.join(config.pools)})")
-        variants = config.pool_variants(pool)
-        if variant and variant not in variants:
-            raise ValueError(f"--min-replicas {name}: pool {pool!r} serves {variants}, not {variant!r}")
-        if n < 0:
-            raise ValueError(f"--min-replicas {name}: must be at least 0")
-        for v in [variant] if variant else variants:
-            mins[(pool, v)] = n
-    return mins
-
-
 def _slices_per_pod(group: dict[str, Any]) -> int:
     for container in (group.get("template") or {}).get("spec", {}).get("containers") or []:
         limits = (container.get("resources") or {}).get("limits") or {}
@@ -249,7 +232,7 @@ def plan_apply(obj: dict[str, Any], mins_spec: dict[str, int], window: Window | 
         }
     )
     config = _platform_config(_app(yaml.safe_load(record["serveConfigV2"]["original"])))
-    mins = parse_minimums(config, mins_spec)
+    mins = config.deployment_counts(mins_spec, "--min-replicas", source="the RayService's serveConfigV2")
     text, fields = _promoted(spec, record, mins)
     groups = {g["groupName"]: g for g in spec["rayClusterConfig"]["workerGroupSpecs"]}
     for name in fields:

@@ -8,7 +8,7 @@ fewest replicas per deployment that meet the profile's per-class p95 SLOs. The C
 from zimage_platform.scheduling.simulation.latency import ComputeModel, LatencyModel, MeasuredLatency, load_latency
 from zimage_platform.scheduling.simulation.profile import LoadProfile, load_profile
 from zimage_platform.scheduling.simulation.search import SearchResult, search_replicas
-from zimage_platform.scheduling.simulation.simulator import Simulation, SimulationResult, parse_replicas, simulate
+from zimage_platform.scheduling.simulation.simulator import Simulation, SimulationResult, simulate
 
 __all__ = [
     "ComputeModel",
@@ -20,7 +20,6 @@ __all__ = [
     "SimulationResult",
     "load_latency",
     "load_profile",
-    "parse_replicas",
     "search_replicas",
     "simulate",
 ]

@@ -83,7 +83,6 @@ def plan(
         ComputeModel,
         load_latency,
         load_profile,
-        parse_replicas,
         search_replicas,
         simulate,
     )
@@ -110,7 +109,9 @@ def plan(
     if profile is None:
         raise InvalidRequest("--profile is required (ops/profiles/*.yaml)", code="missing_parameter", param="profile")
     load = load_profile(profile)
-    fixed = parse_replicas(cfg, {k: _number(v, "--replicas", int) for k, v in _pairs(replicas, "--replicas").items()})
+    fixed = cfg.deployment_counts(
+        {k: _number(v, "--replicas", int) for k, v in _pairs(replicas, "--replicas").items()}, "--replicas"
+    )
     if search:
         found = search_replicas(cfg, load, model, demand=demand)  # type: ignore[arg-type]
         typer.echo(json.dumps(found.to_dict(), indent=2, default=str) if as_json else render(found.result, found))

@@ -42,23 +42,6 @@ _ACTIVE, _DONE_OK, _FAILED = range(3)
 Deployment = tuple[str, str]  # (pool, variant)
 
 
-def parse_replicas(config: PlatformConfig, spec: Mapping[str, int]) -> dict[Deployment, int]:
-    """``{"pool": n}`` (every variant deployment of the pool) or ``{"pool/variant": n}``."""
-    fixed: dict[Deployment, int] = {}
-    for name, n in spec.items():
-        pool, _, variant = name.partition("/")
-        if pool not in config.pools:
-            raise ValueError(f"--replicas {name}: unknown pool {pool!r} (pools: {', '.join(config.pools)})")
-        variants = config.pool_variants(pool)
-        if variant and variant not in variants:
-            raise ValueError(f"--replicas {name}: pool {pool!r} serves {variants}, not {variant!r}")
-        if n < 0:
-            raise ValueError(f"--replicas {name}: must be at least 0")
-        for v in [variant] if variant else variants:
-            fixed[(pool, v)] = n
-    return fixed
-
-
 def percentiles(values: array, qs: tuple[float, ...] = (50, 95, 99)) -> list[float | None]:
     if not len(values):
         return [None] * len(qs)
@@ -111,7 +94,7 @@ class DeploymentStats:
 
 
 class Simulation:
-    """One run. ``replicas`` fixes deployments (``parse_replicas``); the others autoscale from the
+    """One run. ``replicas`` fixes deployments (the profile's, then the caller's); the others autoscale from the
     config (``autoscale=False``: they stay at their initial count)."""
 
     def __init__(
@@ -134,7 +117,7 @@ class Simulation:
         self.streams = streams if streams is not None else resolve_streams(profile, config)
         self.dispatcher = Dispatcher(pool_policies(config), starvation_s=config.scheduler.starvation_s)
         self.admission = Admission(config.pools, self.dispatcher)
-        fixed = dict(parse_replicas(config, profile.replicas))
+        fixed = config.deployment_counts(profile.replicas, "replicas")
         fixed.update(replicas or {})
         self.fixed = fixed
         self.scalers: dict[Deployment, ReplicaAutoscaler] = {}
