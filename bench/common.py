@@ -397,10 +397,9 @@ class BenchCluster:
     def start(self) -> None:
         import secrets
 
-        import ray
         from ray import serve
 
-        from zimage_platform.serve.launcher import RAY_ENV
+        from zimage_platform.serve.launcher import RAY_ENV, init_local_ray
         from zimage_platform.storage import SeaweedFS
 
         self.root.mkdir(parents=True, exist_ok=False)
@@ -413,14 +412,7 @@ class BenchCluster:
         env = {**RAY_ENV, "AWS_ACCESS_KEY_ID": access, "AWS_SECRET_ACCESS_KEY": secret, "PYTHONPATH": str(REPO)}
         os.environ.update(env)
         log("starting Ray and Serve's HTTP proxy …")
-        ray.init(
-            num_cpus=self.ray_cpus,
-            include_dashboard=False,
-            _node_ip_address="127.0.0.1",
-            runtime_env={"env_vars": env},
-            logging_level="WARNING",
-            log_to_driver=False,
-        )
+        init_local_ray(self.ray_cpus, env)
         self._ray_started = True
         self.port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": self.port})

@@ -103,6 +103,23 @@ def prepare_engines(config: PlatformConfig) -> None:
             init_tiny_checkpoint(config.paths.tiny_checkpoint)
 
 
+def init_local_ray(num_cpus: int | None, env: dict[str, str], *, metrics_port: int | None = None) -> None:
+    """A single-node Ray on loopback only, no dashboard, quiet; ``env`` reaches every replica
+    (S3 credentials, RAY_* switches). The platform's launcher and the benchmarks both start it so."""
+    import ray
+
+    extra = {"_metrics_export_port": metrics_port} if metrics_port else {}
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        runtime_env={"env_vars": env},
+        logging_level="WARNING",
+        log_to_driver=False,
+        **extra,
+    )
+
+
 def wait_ready(url: str, timeout_s: float = 600.0) -> dict:
     deadline = time.monotonic() + timeout_s
     last: dict = {}
@@ -160,7 +177,6 @@ class EmbeddedPlatform:
         return config
 
     def _start_ray(self) -> None:
-        import ray
         from ray import serve
 
         from zimage_platform.serve.builder import build_app
@@ -170,15 +186,7 @@ class EmbeddedPlatform:
         metrics_port = config.telemetry.metrics_port or free_ports(1)[0]
         self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         env = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "RAY_", "ZIMAGE_"))}
-        ray.init(
-            num_cpus=self.ray_cpus,
-            include_dashboard=False,
-            _node_ip_address="127.0.0.1",
-            runtime_env={"env_vars": env},
-            logging_level="WARNING",
-            log_to_driver=False,
-            _metrics_export_port=metrics_port,
-        )
+        init_local_ray(self.ray_cpus, env, metrics_port=metrics_port)
         serve.start(http_options={"host": config.serve.host, "port": config.serve.port})
         serve.run(build_app(config), name=config.serve.app_name, route_prefix=config.serve.route_prefix, blocking=False)
 
