@@ -169,3 +169,25 @@ def wait_http_ready(url: str, timeout: float = 300) -> None:
             last = exc
         time.sleep(0.5)
     raise TimeoutError(f"{url} not ready: {getattr(last, 'text', last)}")
+
+
+@contextmanager
+def postgres_outage(url: str) -> Iterator[None]:
+    """The database at ``url`` refuses connections (its open ones are cut) until the block ends:
+    a real outage of that one database, not of the server other tests share."""
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    admin = f"host={parsed.host} port={parsed.port or 5432} user={parsed.username} dbname=postgres"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'ALTER DATABASE "{parsed.database}" ALLOW_CONNECTIONS false')
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+            (parsed.database,),
+        )
+    try:
+        yield
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'ALTER DATABASE "{parsed.database}" ALLOW_CONNECTIONS true')

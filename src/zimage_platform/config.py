@@ -244,6 +244,10 @@ class SchedulerConfig(_Strict):
     max_attempts: int = Field(3, ge=1)
     #: How often a running batch asks whether any member was cancelled.
     cancel_poll_s: float = Field(0.1, gt=0)
+    #: A database write the scheduler cannot make (claim, record, finish) is retried with backoff
+    #: for this long; then the scheduler lets the jobs go (its lease lapses, the sweep re-queues
+    #: them once the database answers, and a re-run adopts images already stored).
+    db_retry_s: float = Field(60.0, gt=0)
 
 
 class StorageConfig(_Strict):

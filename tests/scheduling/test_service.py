@@ -220,3 +220,89 @@ def test_an_upload_that_keeps_failing_fails_the_job_with_the_reason(config, data
     done = run(go())
     assert done.status == "failed" and done.error_code == "storage_unavailable"
     assert done.images[0].s3_key is None
+
+
+def test_a_database_outage_while_recording_strands_nothing(config, postgres_url, results, torch_engine):
+    """Issue 12, item 5: the database goes away after a batch's image is in S3 but before it is
+    recorded. The scheduler retries, then lets the job go (no lease renewed forever, the tenant's
+    concurrency released); when the database is back the sweep re-queues it and the re-run adopts
+    the stored image: one image, one ledger row, nothing generated twice. A real PostgreSQL outage
+    (the test database refuses connections); the engine client only sequences the cut."""
+    from sqlalchemy import func, select
+
+    from services import postgres_outage
+    from zimage_platform.billing.ledger import LedgerEntryRow
+    from zimage_platform.db import upgrade
+
+    engine = create_db_engine(postgres_url)
+    upgrade(engine)
+    store = JobStore(engine)
+    generated: list[str] = []
+    outage: list[object] = []
+
+    class CutAfterUpload(LocalEngineClient):
+        async def run(self, batch, on_progress, on_released=None):
+            outcome = await super().run(batch, on_progress, on_released)
+            generated.extend(o.item_id for o in outcome.items if o.timings)  # adopted items have none
+            if not outage:
+                cut = postgres_outage(postgres_url)
+                cut.__enter__()
+                outage.append(cut)
+            return outcome
+
+    scheduler_config = config.model_copy(
+        update={
+            "scheduler": config.scheduler.model_copy(
+                update={"db_retry_s": 1.0, "lease_s": 1.5, "sweep_interval_s": 0.2}
+            )
+        }
+    )
+
+    async def go():
+        scheduler = SchedulerService(
+            scheduler_config, store, CutAfterUpload({("cpu", "turbo"): EngineRunner(torch_engine, results)})
+        )
+        scheduler.set_capacity("cpu", "turbo", 1)
+        await scheduler.start()
+        row, _ = await scheduler.submit(job(tenant="outage"))
+        for _ in range(200):  # the scheduler gives the job up after db_retry_s
+            await asyncio.sleep(0.05)
+            if outage and scheduler.tenant_jobs("outage") == 0:
+                break
+        released = scheduler.tenant_jobs("outage")
+        outage[0].__exit__(None, None, None)
+        done = await scheduler.wait(row.id, timeout_s=60)
+        await scheduler.stop()
+        return released, done
+
+    released, done = run(go())
+    assert released == 0
+    assert done.status == "succeeded" and done.attempts == 2
+    assert len(generated) == 1  # generated once; the re-run adopted it
+    with store.session() as s:
+        rows = s.scalar(select(func.count()).select_from(LedgerEntryRow).where(LedgerEntryRow.job_id == done.id))
+    assert rows == 1
+    assert results.head(done.images[0].s3_key).sha256 == done.images[0].sha256
+    engine.dispose()
+
+
+def test_a_recovered_job_whose_images_are_all_stored_just_finishes(make_scheduler, database_url):
+    """Issue 12, item 6: the scheduler died after recording the last image but before finishing
+    the job; the re-queued job has nothing left to generate and must finish, not wait forever."""
+    store = JobStore(create_db_engine(database_url))
+    lost, _ = store.create(job(n=1))
+    store.claim(lost.id, "crashed-scheduler", lease_s=0.01)
+    kept = StoredImage(
+        s3_key="tenants/acme/kept.png", sha256="ef" * 32, size_bytes=1, timings=[], batch_size=1, engine_s=0
+    )
+    store.record_image(lost.id, 0, kept)
+
+    async def go():
+        await asyncio.sleep(0.05)
+        scheduler = await make_scheduler()
+        done = await scheduler.wait(lost.id, timeout_s=30)
+        await scheduler.stop()
+        return done
+
+    done = run(go())
+    assert done.status == "succeeded" and done.images[0].s3_key == "tenants/acme/kept.png"

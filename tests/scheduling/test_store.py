@@ -124,3 +124,52 @@ def test_queue_deadlines_fail_with_a_reason(store: JobStore):
 def test_seeds_up_to_2_32_fit(store: JobStore):
     row, _ = store.create(NewJob(tenant_id="a", variant="turbo", kind="text2img", params=PARAMS, seeds=[2**32 - 1]))
     assert store.get(row.id).images[0].seed == 2**32 - 1
+
+
+def test_a_running_job_under_another_live_lease_is_not_taken(store: JobStore):
+    """During a redeploy two schedulers run side by side: the new one must not run the old one's
+    jobs while the old lease lives (issue 12, item 7); once it lapses, it may."""
+    row, _ = store.create(new())
+    assert store.claim(row.id, "old-scheduler", lease_s=30) is not None
+    claimed = store.claim_many([row.id], "new-scheduler", lease_s=30)
+    assert claimed.running == {} and claimed.held == [row.id]
+    assert store.get(row.id).lease_owner == "old-scheduler"
+    assert store.claim(row.id, "old-scheduler", lease_s=30).attempts == 1  # its own lease: renewed, no new attempt
+    store.renew([row.id], "old-scheduler", lease_s=0)
+    taken = store.claim(row.id, "new-scheduler", lease_s=30)
+    assert taken is not None and taken.lease_owner == "new-scheduler" and taken.attempts == 2
+
+
+def test_a_job_cancelled_while_running_is_cancelled_when_its_lease_lapses(store: JobStore):
+    """Cancelled mid-run, then its scheduler died: the sweep must not re-queue it (issue 12, item 6),
+    since no claim would ever run it again; nor may a claim run a queued job whose cancel was asked."""
+    running, _ = store.create(new())
+    store.claim(running.id, "dead", lease_s=0.01)
+    store.record_image(running.id, 0, image(0))
+    assert store.request_cancel(running.id, "acme").cancel_requested
+    swept = store.requeue_expired(utcnow() + timedelta(seconds=1))
+    assert [(r.id, r.status) for r in swept] == [(running.id, "cancelled")]
+    assert [i.status for i in store.get(running.id).images] == ["done", "cancelled"]  # the stored image stays billed
+
+    queued, _ = store.create(new())
+    store.claim(queued.id, "s", lease_s=30)
+    store.request_cancel(queued.id, "acme")
+    store.release([queued.id], "s")  # handed back (shutdown) with its cancel still pending
+    claimed = store.claim_many([queued.id], "s2", lease_s=30)
+    assert claimed.running == {} and [r.status for r in claimed.cancelled] == ["cancelled"]
+
+
+def test_a_batch_is_recorded_and_its_jobs_finished_in_one_transaction(store: JobStore):
+    from zimage_platform.scheduling.store import DoneImage, Finish
+
+    a, _ = store.create(new(n=2))
+    b, _ = store.create(new(n=1))
+    store.claim_many([a.id, b.id], "s", lease_s=30)
+    done = [DoneImage(a.id, 0, image(0)), DoneImage(a.id, 1, image(1)), DoneImage(b.id, 0, image(0))]
+    recorded = store.record_batch(done, [Finish(a.id, "succeeded")])
+    assert recorded.recorded == {(a.id, 0), (a.id, 1), (b.id, 0)}
+    assert recorded.finished[a.id].status == "succeeded" and store.get(b.id).status == "running"
+    again = store.record_batch(done, [Finish(b.id, "succeeded")])  # a retry of the same write
+    assert again.recorded == set() and store.get(b.id).status == "succeeded"
+    with pytest.raises(JobNotFound):  # nothing of a failing batch is written
+        store.record_batch([DoneImage(b.id, 0, image(0)), DoneImage("job_missing", 0, image(0))])

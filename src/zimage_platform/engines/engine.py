@@ -70,6 +70,8 @@ class Engine(Protocol):
         requests: Sequence[GenerationRequest],
         on_progress: ProgressFn | None = None,
         is_cancelled: CancelFn | None = None,
+        *,
+        encode_png: bool = True,
     ) -> list[GenerationResult]: ...
     def memory(self) -> MemoryReport: ...
 
@@ -219,6 +221,8 @@ class PipelineEngine:
         requests: Sequence[GenerationRequest],
         on_progress: ProgressFn | None = None,
         is_cancelled: CancelFn | None = None,
+        *,
+        encode_png: bool = True,
     ) -> list[GenerationResult]:
         if self.pipeline is None:
             raise EngineError(f"engine {self.variant}/{self.backend} is not loaded", code="engine_not_loaded")
@@ -241,7 +245,7 @@ class PipelineEngine:
                 )
         # One batch at a time per engine: a second caller waits instead of oversubscribing cores.
         with self._lock:
-            return self.pipeline.generate(requests, on_progress, is_cancelled)
+            return self.pipeline.generate(requests, on_progress, is_cancelled, encode_png=encode_png)
 
     def memory(self) -> MemoryReport:
         usage = resource.getrusage(resource.RUSAGE_SELF)

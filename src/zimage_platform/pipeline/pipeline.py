@@ -91,15 +91,20 @@ class ZImageBatchPipeline:
         requests: Sequence[GenerationRequest],
         on_progress: ProgressFn | None = None,
         is_cancelled: CancelFn | None = None,
+        *,
+        encode_png: bool = True,
     ) -> list[GenerationResult]:
-        """Any mix of requests: compatible ones share a batch; hires-fix runs its two passes."""
+        """Any mix of requests: compatible ones share a batch; hires-fix runs its two passes.
+
+        ``encode_png=False`` leaves ``png`` empty (``image`` is always set): a serving replica
+        encodes while its engine already runs the next batch."""
         groups: dict[tuple, list[GenerationRequest]] = defaultdict(list)
         for request in requests:
             groups[(request.batch_key(), request.hires)].append(request)
         results: dict[str, GenerationResult] = {}
         for (_, hires), members in groups.items():
             run = self._run_hires if hires is not None else self.run_batch
-            for result in run(members, on_progress, is_cancelled):
+            for result in run(members, on_progress, is_cancelled, encode_png=encode_png):
                 results[result.request_id] = result
         return [results[r.request_id] for r in requests]
 
@@ -110,6 +115,7 @@ class ZImageBatchPipeline:
         is_cancelled: CancelFn | None = None,
         *,
         pass_name: str = "generate",
+        encode_png: bool = True,
     ) -> list[GenerationResult]:
         """One denoising loop over compatible requests; results in request order."""
         key = self._check_batch(requests)
@@ -166,9 +172,10 @@ class ZImageBatchPipeline:
         if alive:
             with timings.stage("decode"):
                 decoded = self.decode(latents)
-            with timings.stage("png_encode"):
-                for j, image in zip(alive, decoded, strict=True):
-                    images[j], pngs[j] = image, encode_png(image, self.png_compress_level)
+            images = dict(zip(alive, decoded, strict=True))
+            if encode_png:
+                with timings.stage("png_encode"):
+                    pngs = {j: to_png(image, self.png_compress_level) for j, image in images.items()}
         return [
             GenerationResult(
                 request_id=r.request_id,
@@ -256,12 +263,14 @@ class ZImageBatchPipeline:
         requests: Sequence[GenerationRequest],
         on_progress: ProgressFn | None,
         is_cancelled: CancelFn | None,
+        *,
+        encode_png: bool = True,
     ) -> list[GenerationResult]:
         """Draw at the low bucket, upscale (Lanczos), then img2img at the target bucket."""
         hires = requests[0].hires
         assert hires is not None
         base = [replace(r, size=hires.base_size, hires=None) for r in requests]
-        first = self.run_batch(base, on_progress, is_cancelled, pass_name="base")
+        first = self.run_batch(base, on_progress, is_cancelled, pass_name="base", encode_png=False)
         survivors = [(r, res) for r, res in zip(requests, first, strict=True) if not res.cancelled]
         second: dict[str, GenerationResult] = {}
         if survivors:
@@ -274,7 +283,7 @@ class ZImageBatchPipeline:
                 )
                 for r, res in survivors
             ]
-            for res in self.run_batch(refine, on_progress, is_cancelled, pass_name="hires"):
+            for res in self.run_batch(refine, on_progress, is_cancelled, pass_name="hires", encode_png=encode_png):
                 second[res.request_id] = res
         out = []
         for request, base_result in zip(requests, first, strict=True):
@@ -305,7 +314,7 @@ class ZImageBatchPipeline:
         return key
 
 
-def encode_png(image: Image.Image, compress_level: int = 1) -> bytes:
+def to_png(image: Image.Image, compress_level: int = 1) -> bytes:
     """PNG bytes. Level 1 is ~5x faster than PIL's default 6 for ~15% more bytes: CPU time on the
     serving path is worth more than storage."""
     buf = io.BytesIO()

@@ -20,6 +20,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
 from opentelemetry.trace import Link
+from sqlalchemy.exc import DBAPIError
 
 from zimage_platform.billing.ledger import LedgerEntry
 from zimage_platform.db import utcnow
@@ -27,7 +28,7 @@ from zimage_platform.scheduling.admission import Admission, AdmissionLimit, Queu
 from zimage_platform.scheduling.dispatcher import Dispatcher, pool_policies
 from zimage_platform.scheduling.events import EventHub
 from zimage_platform.scheduling.models import TERMINAL, JobRow
-from zimage_platform.scheduling.store import JobStore, NewJob, StoredImage
+from zimage_platform.scheduling.store import DoneImage, Finish, JobStore, NewJob, StoredImage
 from zimage_platform.scheduling.work import Batch, BatchOutcome, ItemOutcome, Progress, WorkItem, WorkKey
 from zimage_platform.telemetry.metrics import metrics
 from zimage_platform.telemetry.tracing import carrier, context_of, span, span_context_of, tracer
@@ -39,11 +40,22 @@ log = logging.getLogger(__name__)
 
 __all__ = ["AdmissionLimit", "EngineClient", "QueueFull", "SchedulerService", "month_start", "work_key"]
 
+#: Database errors worth waiting out (the server went away, restarted, or was busy).
+_RETRYABLE_DB_ERRORS = frozenset({"OperationalError", "InterfaceError"})
+
 
 class EngineClient(Protocol):
     """How the scheduler reaches engine replicas (Ray handles, or engines in this process)."""
 
-    async def run(self, batch: Batch, on_progress: Callable[[Progress], None]) -> BatchOutcome: ...
+    async def run(
+        self,
+        batch: Batch,
+        on_progress: Callable[[Progress], None],
+        on_released: Callable[[], None] | None = None,
+    ) -> BatchOutcome:
+        """Run ``batch``; ``on_released`` is called once the engine may take the next batch
+        (before the images are stored)."""
+        ...
 
     async def cancel(self, pool: str, variant: str, item_ids: list[str]) -> None: ...
 
@@ -147,7 +159,11 @@ class SchedulerService:
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
         self._batches: dict[str, Batch] = {}
+        #: Batches whose engine slot is still taken (released before their images are recorded).
+        self._holding: set[str] = set()
         self._cancelled_items: set[str] = set()
+        #: Running jobs a client cancelled (their images stop at the next step boundary).
+        self._cancelling: set[str] = set()
         self._listeners: list[JobListener] = []
         self._running = False
 
@@ -169,8 +185,10 @@ class SchedulerService:
         for listener in self._listeners:
             if hasattr(listener, "start"):
                 await listener.start()
-        await asyncio.to_thread(self.store.requeue_expired)
-        for row in await asyncio.to_thread(self.store.queued):
+        for row in await self._db("requeue", self.store.requeue_expired):
+            if row.status == "cancelled":
+                self._emit(row, "cancelled", reason=row.error_code)
+        for row in await self._db("queued", self.store.queued):
             await self._enqueue(row)
         self._spawn(self._dispatch_loop())
         self._spawn(self._sweep_loop())
@@ -186,22 +204,29 @@ class SchedulerService:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         # Whatever still runs goes back to the queue for the next scheduler.
-        leftover = [job_id for job_id, a in self._active.items() if a.inflight]
-        for job_id in leftover:
-            await asyncio.to_thread(self._release_lease, job_id)
+        leftover = [job_id for job_id, a in self._active.items() if a.started]
+        with contextlib.suppress(Exception):  # the database may be gone: the leases then run out
+            await asyncio.to_thread(self.store.release, leftover, self.owner)
         for listener in self._listeners:
             if hasattr(listener, "stop"):
                 await listener.stop()
 
-    def _release_lease(self, job_id: str) -> None:
-        from sqlalchemy import update
-
-        with self.store.session() as s, s.begin():
-            s.execute(
-                update(JobRow)
-                .where(JobRow.id == job_id, JobRow.status == "running", JobRow.lease_owner == self.owner)
-                .values(status="queued", lease_owner=None, lease_expires_at=None)
-            )
+    async def _db(self, operation: str, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """A store call off the event loop, retried with backoff while the database is unreachable
+        (connection refused or dropped, locked): up to ``scheduler.db_retry_s``, then the error."""
+        deadline = self.clock() + self.config.scheduler.db_retry_s
+        delay = 0.05
+        while True:
+            try:
+                return await asyncio.to_thread(call, *args, **kwargs)
+            except DBAPIError as exc:
+                retryable = exc.connection_invalidated or type(exc).__name__ in _RETRYABLE_DB_ERRORS
+                if not retryable or self.clock() + delay > deadline:
+                    raise
+                metrics().db_errors.inc(operation=f"scheduler.{operation}")
+                log.warning("database %s failed (%s); retrying in %.2fs", operation, type(exc.orig).__name__, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     def _spawn(self, coro, name: str | None = None) -> asyncio.Task:
         task = asyncio.create_task(coro, name=name)
@@ -299,7 +324,10 @@ class SchedulerService:
 
     async def _enqueue(self, row: JobRow) -> None:
         pending = [i for i in row.images if i.status == "pending"]
-        if not pending:
+        if not pending:  # re-queued after its last image was stored: only the finish was missing
+            failed = [i for i in row.images if i.status != "done"]
+            code = failed[0].error_code if failed else None
+            await self._finish(row.id, "failed" if failed else "succeeded", code, "an image failed" if failed else None)
             return
         key = work_key(row)
         now = self.clock()
@@ -329,6 +357,7 @@ class SchedulerService:
                     enqueued_at=now,
                     enqueued_wall_ns=time.time_ns(),
                     deadline=deadline,
+                    adopt=row.attempts > 0,
                 )
             )
         pool = self.dispatcher.pool_of(row.priority_class)
@@ -340,21 +369,21 @@ class SchedulerService:
 
     async def cancel(self, job_id: str, tenant_id: str) -> JobRow:
         """Queued → cancelled now; running → its images stop at the next step boundary."""
-        row = await asyncio.to_thread(self.store.request_cancel, job_id, tenant_id)
+        row = await self._db("cancel", self.store.request_cancel, job_id, tenant_id)
         self.dispatcher.remove_job(job_id)
         active = self._active.get(job_id)
         if row.status == "cancelled":
             self._active.pop(job_id, None)
             self._emit(row, "cancelled", reason="cancelled_by_client")
         elif active is not None and active.inflight:
+            self._cancelling.add(job_id)
             ids = [f"{job_id}:{i}" for i in active.inflight]
             self._cancelled_items.update(ids)
             for batch in self._batches.values():
                 if any(item.job_id == job_id for item in batch.items):
                     await self.engines.cancel(batch.pool, batch.variant, ids)
         elif active is not None:  # running, but nothing in flight: finish here
-            await self._finish(job_id, "cancelled", "cancelled_by_client", "cancelled by the client")
-            row = await asyncio.to_thread(self.store.get, job_id)
+            row = await self._finish(job_id, "cancelled", "cancelled_by_client", "cancelled by the client")
         return row
 
     def cancelled_items(self, item_ids: Iterable[str]) -> set[str]:
@@ -388,6 +417,7 @@ class SchedulerService:
             if batch is not None:
                 metrics().batch_size.observe(len(batch.items), pool=batch.pool, variant=batch.variant)
                 self._batches[batch.id] = batch
+                self._holding.add(batch.id)
                 self._spawn(self._run_batch(batch), name=f"batch-{batch.id}")
                 continue
             self._wake.clear()
@@ -417,23 +447,49 @@ class SchedulerService:
                 ):
                     batch.trace_context = carrier()
                     try:
-                        outcome = await self.engines.run(batch, self._on_progress)
+                        outcome = await self.engines.run(
+                            batch, self._on_progress, on_released=lambda: self._release_slot(batch)
+                        )
                     except Exception as exc:  # replica died, engine error: retried, then failed
                         log.exception("batch %s failed on %s/%s", batch.id, batch.pool, batch.variant)
                         outcome = self._failed_outcome(batch, exc)
+                    self._release_slot(batch)
                     await self._record(batch, outcome)
         finally:
+            self._release_slot(batch)
             self._batches.pop(batch.id, None)
-            self.dispatcher.done(batch)
-            self._wake.set()
+            self._wake.set()  # retried items may be back in the queue
+
+    def _release_slot(self, batch: Batch) -> None:
+        """The engine slot is free again (once per batch): the next batch may start while this
+        one's results are still being recorded."""
+        if batch.id not in self._holding:
+            return
+        self._holding.discard(batch.id)
+        self.dispatcher.done(batch)
+        self._wake.set()
 
     async def _claim(self, batch: Batch) -> list[WorkItem]:
-        """Lease each job (queued → running); drop items of jobs cancelled meanwhile."""
+        """Lease the batch's jobs in one transaction (queued → running); items of jobs cancelled,
+        finished or held by another scheduler meanwhile are dropped. If the database cannot be
+        reached, the items go back to the queue (after a pause) instead of being lost."""
+        job_ids = list(dict.fromkeys(i.job_id for i in batch.items))
+        try:
+            claimed = await self._db("claim", self.store.claim_many, job_ids, self.owner, self.config.scheduler.lease_s)
+        except Exception:
+            log.exception("cannot lease the jobs of batch %s: their items go back to the queue", batch.id)
+            self._spawn(self._requeue_later(batch.items, delay_s=1.0))
+            return []
+        for row in claimed.cancelled:
+            self._active.pop(row.id, None)
+            self._emit(row, "cancelled", reason=row.error_code)
         kept: list[WorkItem] = []
-        for job_id in dict.fromkeys(i.job_id for i in batch.items):
+        for job_id in job_ids:
+            row = claimed.running.get(job_id)
             active = self._active.get(job_id)
-            row = await asyncio.to_thread(self.store.claim, job_id, self.owner, self.config.scheduler.lease_s)
             if row is None or active is None:
+                if job_id in claimed.held:
+                    log.warning("job %s is held by another scheduler's live lease: not running it here", job_id)
                 self._active.pop(job_id, None)
                 continue
             active.row = row
@@ -444,6 +500,13 @@ class SchedulerService:
                 active.started = True
                 self._emit(row, "started", batch_id=batch.id, pool=batch.pool, batch_size=len(batch.items))
         return kept
+
+    async def _requeue_later(self, items: list[WorkItem], delay_s: float) -> None:
+        await asyncio.sleep(delay_s)
+        for item in items:
+            if item.job_id in self._active:
+                self.dispatcher.submit(item)
+        self._wake.set()
 
     def _publish_gauges(self) -> None:
         registry = metrics()
@@ -490,10 +553,17 @@ class SchedulerService:
         )
 
     async def _record(self, batch: Batch, outcome: BatchOutcome) -> None:
+        """The batch's delivered images (and their bills) and the jobs it completes, in one write.
+
+        If the database cannot take it (after ``scheduler.db_retry_s`` of retries), the jobs are let
+        go: nothing of them stays held here (tenant concurrency, leases renewed by the sweep); the
+        lease lapses, the sweep re-queues them once the database answers, and the re-run adopts the
+        images already in S3 instead of generating (and billing) them twice.
+        """
         by_id = {o.item_id: o for o in outcome.items}
         share = outcome.engine_s / max(len(batch.items), 1)
         touched: dict[str, _Active] = {}
-        done = 0
+        done: list[DoneImage] = []
         for item in batch.items:
             active = self._active.get(item.job_id)
             if active is None:
@@ -513,21 +583,46 @@ class SchedulerService:
                     replica=outcome.replica,
                 )
                 entry = self._ledger_entry(batch, outcome, item, result, active.row, share)
-                with span("ledger_write", job_id=item.job_id, image_index=item.index):
-                    if await asyncio.to_thread(self.store.record_image, item.job_id, item.index, stored, entry):
-                        metrics().ledger_rows.inc(variant=batch.variant, pool=batch.pool)
-                        metrics().images.inc(variant=batch.variant, bucket=batch.key.size, pool=batch.pool)
+                done.append(DoneImage(item.job_id, item.index, stored, entry))
                 active.remaining.discard(item.index)
-                done += 1
             elif result.status == "failed":
                 tries = active.failures[item.index] = active.failures.get(item.index, 0) + 1
                 active.last_error = (result.error_code or "engine_failed", result.error_message or "engine failed")
                 if tries < self.config.scheduler.max_attempts and not active.row.cancel_requested:
                     item.enqueued_at = self.clock()
+                    item.adopt = True  # the failed attempt may have stored it after all
                     self.dispatcher.submit(item)
-        self.admission.drain.record(self.clock(), done)
-        for job_id, active in touched.items():
-            await self._settle(job_id, active)
+        finishes = [f for job_id, active in touched.items() if (f := self._settlement(job_id, active)) is not None]
+        try:
+            with span("ledger_write", batch_id=batch.id, images=len(done), jobs_finished=len(finishes)):
+                recorded = await self._db("record", self.store.record_batch, done, finishes)
+        except Exception:
+            log.exception("cannot record batch %s: letting its %d jobs go for recovery", batch.id, len(touched))
+            for job_id in touched:
+                self.dispatcher.remove_job(job_id)
+                self._active.pop(job_id, None)
+            return
+        for image in done:
+            if (image.job_id, image.index) in recorded.recorded:
+                metrics().ledger_rows.inc(variant=batch.variant, pool=batch.pool)
+                metrics().images.inc(variant=batch.variant, bucket=batch.key.size, pool=batch.pool)
+        self.admission.drain.record(self.clock(), len(done))
+        for row in recorded.finished.values():
+            self._finished(row)
+
+    def _settlement(self, job_id: str, active: _Active) -> Finish | None:
+        """How a job whose images are all accounted for ends (``None``: it goes on)."""
+        if active.inflight:
+            return None
+        if not active.remaining:
+            return Finish(job_id, "succeeded")
+        if active.row.cancel_requested or job_id in self._cancelling:
+            return Finish(job_id, "cancelled", "cancelled_by_client", "cancelled by the client")
+        if any(n >= self.config.scheduler.max_attempts for n in active.failures.values()):
+            code, message = active.last_error or ("engine_failed", "engine failed")
+            attempts = self.config.scheduler.max_attempts
+            return Finish(job_id, "failed", code, f"{message} (after {attempts} attempts)")
+        return None
 
     def _ledger_entry(
         self, batch: Batch, outcome: BatchOutcome, item: WorkItem, result: ItemOutcome, row: JobRow, share: float
@@ -556,26 +651,26 @@ class SchedulerService:
             delivered_at=utcnow(),
         )
 
-    async def _settle(self, job_id: str, active: _Active) -> None:
-        """Finish a job whose images are all accounted for."""
-        if active.inflight:
-            return
-        if not active.remaining:
-            await self._finish(job_id, "succeeded")
-            return
-        row = await asyncio.to_thread(self.store.get, job_id)
-        active.row = row
-        if row.cancel_requested:
-            await self._finish(job_id, "cancelled", "cancelled_by_client", "cancelled by the client")
-        elif any(n >= self.config.scheduler.max_attempts for n in active.failures.values()):
-            code, message = active.last_error or ("engine_failed", "engine failed")
-            attempts = self.config.scheduler.max_attempts
-            await self._finish(job_id, "failed", code, f"{message} (after {attempts} attempts)")
+    async def _finish(
+        self, job_id: str, status: str, code: str | None = None, message: str | None = None
+    ) -> JobRow | None:
+        """End one job (cancellation, deadline, recovery); ``None`` if the database would not take it
+        (the job is then let go for recovery, as in :meth:`_record`)."""
+        try:
+            row = await self._db("finish", self.store.finish, job_id, status, code=code, message=message)
+        except Exception:
+            log.exception("cannot finish job %s as %s: letting it go for recovery", job_id, status)
+            self.dispatcher.remove_job(job_id)
+            self._active.pop(job_id, None)
+            return None
+        self._finished(row)
+        return row
 
-    async def _finish(self, job_id: str, status: str, code: str | None = None, message: str | None = None) -> None:
-        self.dispatcher.remove_job(job_id)
-        self._active.pop(job_id, None)
-        row = await asyncio.to_thread(self.store.finish, job_id, status, code=code, message=message)
+    def _finished(self, row: JobRow) -> None:
+        """A job reached a terminal state in the store: forget it here, count it, announce it."""
+        self.dispatcher.remove_job(row.id)
+        self._active.pop(row.id, None)
+        self._cancelling.discard(row.id)
         metrics().jobs.inc(variant=row.variant, priority_class=row.priority_class, status=row.status)
         if row.finished_at is not None:
             metrics().job_seconds.observe(
@@ -609,11 +704,16 @@ class SchedulerService:
                 await self.sweep()
 
     async def sweep(self) -> None:
-        """Renew our leases; re-queue jobs whose owner's lease ran out; fail expired deadlines."""
+        """Renew our leases; re-queue jobs whose owner's lease ran out (a job cancelled meanwhile
+        is finished as cancelled by the store); fail expired deadlines."""
         ours = [job_id for job_id, a in self._active.items() if a.started]
         await asyncio.to_thread(self.store.renew, ours, self.owner, self.config.scheduler.lease_s)
         for row in await asyncio.to_thread(self.store.requeue_expired):
-            if row.id not in self._active:
+            if row.status == "cancelled":
+                self._active.pop(row.id, None)
+                self.dispatcher.remove_job(row.id)
+                self._emit(row, "cancelled", reason=row.error_code)
+            elif row.id not in self._active:
                 await self._enqueue(row)
 
     # -- observability ------------------------------------------------------------------

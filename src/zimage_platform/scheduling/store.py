@@ -109,6 +109,42 @@ class StoredImage:
     replica: str | None = None
 
 
+@dataclass
+class DoneImage:
+    """A delivered image to record, with its bill."""
+
+    job_id: str
+    index: int
+    image: StoredImage
+    ledger: LedgerEntry | None = None
+
+
+@dataclass(frozen=True)
+class Finish:
+    job_id: str
+    status: str
+    code: str | None = None
+    message: str | None = None
+
+
+@dataclass
+class Claimed:
+    #: Jobs that may run now, under the caller's lease.
+    running: dict[str, JobRow] = field(default_factory=dict)
+    #: Jobs whose cancellation was requested while they waited: finished as cancelled by the claim.
+    cancelled: list[JobRow] = field(default_factory=list)
+    #: Jobs another scheduler holds under a live lease (not ours to run).
+    held: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Recorded:
+    #: (job, index) of the images this call marked done and billed (not those already done).
+    recorded: set[tuple[str, int]] = field(default_factory=set)
+    #: Rows of the jobs this call finished, as they are now.
+    finished: dict[str, JobRow] = field(default_factory=dict)
+
+
 class JobStore:
     def __init__(self, engine: Engine, billing: BillingConfig | None = None) -> None:
         from zimage_platform.config import BillingConfig
@@ -216,20 +252,41 @@ class JobStore:
     # -- running ------------------------------------------------------------------------
 
     def claim(self, job_id: str, owner: str, lease_s: float) -> JobRow | None:
-        """queued → running under a lease (no-op if already running for this owner).
-        ``None`` if the job was cancelled or finished meanwhile: do not run it."""
+        """One job's :meth:`claim_many`: its running row, or ``None`` (do not run it)."""
+        return self.claim_many([job_id], owner, lease_s).running.get(job_id)
+
+    def claim_many(self, job_ids: Sequence[str], owner: str, lease_s: float) -> Claimed:
+        """queued → running under ``owner``'s lease, for a whole batch in one transaction.
+
+        A row already running under *another* owner's live lease is not taken (during a redeploy
+        the old scheduler keeps its jobs until it hands them back or its lease runs out). A job
+        cancelled while it waited is finished as cancelled here, not run. Finished jobs are left out.
+        """
         now = utcnow()
+        claimed = Claimed()
+        if not job_ids:
+            return claimed
         with self.session() as s, s.begin():
-            row = s.get(JobRow, job_id, with_for_update=True)
-            if row is None or row.status in TERMINAL or row.cancel_requested:
-                return None
-            if row.status == "queued":
-                row.status = "running"
-                row.attempts += 1
-                row.started_at = row.started_at or now
-            row.lease_owner = owner
-            row.lease_expires_at = now + timedelta(seconds=lease_s)
-        return self.get(job_id)
+            rows = s.scalars(select(JobRow).where(JobRow.id.in_(list(job_ids))).with_for_update()).all()
+            for row in rows:
+                if row.status in TERMINAL:
+                    continue
+                if row.cancel_requested:
+                    self._finish_row(row, "cancelled", "cancelled_by_client", "cancelled before it started", now)
+                    claimed.cancelled.append(row)
+                    continue
+                held = row.status == "running" and row.lease_owner not in (None, owner)
+                if held and row.lease_expires_at is not None and row.lease_expires_at > now:
+                    claimed.held.append(row.id)
+                    continue
+                if row.status == "queued" or held:
+                    row.status = "running"
+                    row.attempts += 1
+                    row.started_at = row.started_at or now
+                row.lease_owner = owner
+                row.lease_expires_at = now + timedelta(seconds=lease_s)
+                claimed.running[row.id] = row
+        return claimed
 
     def renew(self, job_ids: Iterable[str], owner: str, lease_s: float) -> None:
         ids = list(job_ids)
@@ -243,21 +300,40 @@ class JobStore:
             )
 
     def record_image(self, job_id: str, index: int, image: StoredImage, ledger: LedgerEntry | None = None) -> bool:
-        """Mark one image done and bill it, in one transaction (delivered ⇔ billed).
-        Idempotent: ``False`` if it was already recorded (and billed)."""
+        """One image's :meth:`record_batch`: ``False`` if it was already recorded (and billed)."""
+        return (job_id, index) in self.record_batch([DoneImage(job_id, index, image, ledger)]).recorded
+
+    def record_batch(self, done: Sequence[DoneImage], finishes: Sequence[Finish] = ()) -> Recorded:
+        """A batch's delivered images marked done and billed, and the jobs it completes finished,
+        in one transaction (delivered ⇔ billed; one commit per engine batch, not per image).
+
+        Idempotent per image: one already done is neither marked nor billed again.
+        """
+        now = utcnow()
+        recorded = Recorded()
         with self.session() as s, s.begin():
-            row = s.get(JobImageRow, (job_id, index), with_for_update=True)
-            if row is None:
-                raise JobNotFound(f"no image {index} of job {job_id}")
-            if row.status == "done":
-                return False
-            row.status = "done"
-            row.s3_key, row.sha256, row.size_bytes = image.s3_key, image.sha256, image.size_bytes
-            row.timings, row.batch_size, row.engine_s = image.timings, image.batch_size, image.engine_s
-            row.replica, row.finished_at = image.replica, utcnow()
-            if ledger is not None:
-                append_entry(s, self.billing, ledger)
-        return True
+            for item in done:
+                row = s.get(JobImageRow, (item.job_id, item.index), with_for_update=True)
+                if row is None:
+                    raise JobNotFound(f"no image {item.index} of job {item.job_id}")
+                if row.status == "done":
+                    continue
+                image = item.image
+                row.status = "done"
+                row.s3_key, row.sha256, row.size_bytes = image.s3_key, image.sha256, image.size_bytes
+                row.timings, row.batch_size, row.engine_s = image.timings, image.batch_size, image.engine_s
+                row.replica, row.finished_at = image.replica, now
+                if item.ledger is not None:
+                    append_entry(s, self.billing, item.ledger)
+                recorded.recorded.add((item.job_id, item.index))
+            s.flush()
+            for finish in finishes:
+                job = s.get(JobRow, finish.job_id, with_for_update=True)
+                if job is None:
+                    raise JobNotFound(f"no job {finish.job_id}")
+                self._finish_row(job, finish.status, finish.code, finish.message, now)
+                recorded.finished[job.id] = job
+        return recorded
 
     def pending_indexes(self, job_id: str) -> list[int]:
         with self.session() as s:
@@ -266,20 +342,19 @@ class JobStore:
 
     def finish(self, job_id: str, status: str, *, code: str | None = None, message: str | None = None) -> JobRow:
         """Move a job to a terminal state (once: a finished job stays as it finished)."""
+        return self.record_batch([], [Finish(job_id, status, code, message)]).finished[job_id]
+
+    @staticmethod
+    def _finish_row(row: JobRow, status: str, code: str | None, message: str | None, now: datetime) -> None:
         assert status in TERMINAL
-        now = utcnow()
-        with self.session() as s, s.begin():
-            row = s.get(JobRow, job_id, with_for_update=True)
-            if row is None:
-                raise JobNotFound(f"no job {job_id}")
-            if row.status not in TERMINAL:
-                row.status, row.error_code, row.error_message = status, code, message
-                row.finished_at, row.lease_owner, row.lease_expires_at = now, None, None
-                leftover = "cancelled" if status == "cancelled" else "failed"
-                for image in row.images:
-                    if image.status == "pending":
-                        image.status, image.error_code, image.finished_at = leftover, code, now
-        return self.get(job_id)
+        if row.status in TERMINAL:
+            return
+        row.status, row.error_code, row.error_message = status, code, message
+        row.finished_at, row.lease_owner, row.lease_expires_at = now, None, None
+        leftover = "cancelled" if status == "cancelled" else "failed"
+        for image in row.images:
+            if image.status == "pending":
+                image.status, image.error_code, image.finished_at = leftover, code, now
 
     def request_cancel(self, job_id: str, tenant_id: str) -> JobRow:
         """Queued → cancelled now; running → flagged, stopped at the next step boundary."""
@@ -297,21 +372,32 @@ class JobStore:
     # -- recovery -----------------------------------------------------------------------
 
     def requeue_expired(self, now: datetime | None = None) -> list[JobRow]:
-        """Running jobs whose lease ran out (their replica died): back to queued, done images kept."""
+        """Running jobs whose lease ran out (their scheduler died or gave them up): back to queued,
+        done images kept. One whose cancellation was requested meanwhile is finished as cancelled
+        instead (it would otherwise wait forever: a claim never runs it). Returns both kinds."""
         now = now or utcnow()
         with self.session() as s, s.begin():
-            ids = list(
-                s.scalars(
-                    select(JobRow.id).where(JobRow.status == "running", JobRow.lease_expires_at < now).with_for_update()
-                )
+            rows = s.scalars(
+                select(JobRow).where(JobRow.status == "running", JobRow.lease_expires_at < now).with_for_update()
+            ).all()
+            for row in rows:
+                if row.cancel_requested:
+                    self._finish_row(row, "cancelled", "cancelled_by_client", "cancelled by the client", now)
+                else:
+                    row.status, row.lease_owner, row.lease_expires_at = "queued", None, None
+        return list(rows)
+
+    def release(self, job_ids: Sequence[str], owner: str) -> None:
+        """Hand our running jobs back to the queue at once (shutdown, or a scheduler that cannot
+        record them): the next scheduler's sweep or start-up picks them up without waiting out the lease."""
+        if not job_ids:
+            return
+        with self.session() as s, s.begin():
+            s.execute(
+                update(JobRow)
+                .where(JobRow.id.in_(list(job_ids)), JobRow.status == "running", JobRow.lease_owner == owner)
+                .values(status="queued", lease_owner=None, lease_expires_at=None)
             )
-            if ids:
-                s.execute(
-                    update(JobRow)
-                    .where(JobRow.id.in_(ids))
-                    .values(status="queued", lease_owner=None, lease_expires_at=None)
-                )
-        return [self.get(i) for i in ids]
 
     def expire_deadlines(self, now: datetime | None = None) -> list[JobRow]:
         """Queued jobs past their queue deadline fail with ``queue_timeout`` (reported, not dropped)."""

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, NamedTuple
+
+from zimage_platform.errors import PlatformError
 
 #: Priority classes, highest first.
 PRIORITY_CLASSES: tuple[str, ...] = ("realtime", "standard", "bulk")
@@ -51,6 +54,10 @@ class WorkItem:
     #: Wall clock (ns) when it entered the queue: the start of its "queue wait" span.
     enqueued_wall_ns: int = 0
     deadline: float | None = None
+    #: An earlier attempt may have stored this image already (recovery, or a retry after a failed
+    #: upload): the engine replica reuses a stored object of this job, index and seed instead of
+    #: generating (and billing) it again.
+    adopt: bool = False
     #: Set while the item sits in a queue (lets expired-deadline heap entries be skipped lazily).
     queued: bool = field(default=False, compare=False)
     #: Which queue entry is the live one: removals are lazy, so a stale entry of a re-queued item
@@ -109,9 +116,38 @@ class BatchOutcome:
 
 
 @dataclass
+class EngineReleased:
+    """The engine finished the batch's denoising and decoding: its slot may take the next batch
+    while this one's images are encoded and stored."""
+
+    batch_id: str
+
+
+@dataclass
 class Progress:
     batch_id: str
     item_ids: tuple[str, ...]
     step: int
     total: int
     pass_name: str
+
+
+async def follow(
+    messages: AsyncIterator[Any],
+    on_progress: Callable[[Progress], None],
+    on_released: Callable[[], None] | None,
+) -> BatchOutcome:
+    """Consume an engine's stream for the scheduler: progress and release go to their callbacks,
+    the outcome is returned (an engine that ends without one lost the batch)."""
+    outcome: BatchOutcome | None = None
+    async for message in messages:
+        if isinstance(message, BatchOutcome):
+            outcome = message
+        elif isinstance(message, EngineReleased):
+            if on_released is not None:
+                on_released()
+        else:
+            on_progress(message)
+    if outcome is None:
+        raise PlatformError("the engine replica ended the batch without an outcome", code="engine_lost_batch")
+    return outcome

@@ -51,8 +51,9 @@ def engine_options(config: PlatformConfig, variant: str, pool_name: str) -> dict
             "num_gpus": pool.num_gpus,
             "resources": dict(pool.ray_resources),
         },
-        # One streaming call per batch: the scheduler never sends more than this per replica.
-        "max_ongoing_requests": pool.max_concurrent_batches,
+        # One streaming call per batch. The scheduler starts at most max_concurrent_batches per
+        # replica; each may still be storing its images while the next one runs (twice as many).
+        "max_ongoing_requests": 2 * pool.max_concurrent_batches,
         "health_check_period_s": config.serve.health_check_period_s,
         "health_check_timeout_s": config.serve.health_check_timeout_s,
         "graceful_shutdown_timeout_s": config.serve.graceful_shutdown_s,

@@ -24,7 +24,7 @@ from zimage_platform.api import create_api
 from zimage_platform.config import PlatformConfig
 from zimage_platform.errors import PlatformError
 from zimage_platform.scheduling.store import NewJob
-from zimage_platform.scheduling.work import Batch, BatchOutcome, Progress
+from zimage_platform.scheduling.work import Batch, BatchOutcome, EngineReleased, Progress, follow
 from zimage_platform.serve.components import platform_services, result_store, scheduler_service
 from zimage_platform.telemetry.metrics import configure_metrics
 from zimage_platform.telemetry.tracing import configure_tracing
@@ -93,7 +93,12 @@ class Engine:
         engine = PipelineEngine(self.config, variant, device=device, precision=self.config.precision_in(pool, variant))
         await asyncio.to_thread(engine.load)
         await asyncio.to_thread(engine.warmup, [engine.spec.defaults.size])
-        self.runner = EngineRunner(engine, result_store(self.config), replica=self.replica)
+        self.runner = EngineRunner(
+            engine,
+            result_store(self.config),
+            replica=self.replica,
+            png_compress_level=self.config.engine.png_compress_level,
+        )
         self.slots = self.config.pools[pool].max_concurrent_batches
         self._last_canary = time.monotonic()
         self._heartbeat = asyncio.create_task(self._beat())
@@ -106,7 +111,7 @@ class Engine:
                 await scheduler.heartbeat.remote(self.pool, self.variant, self.replica, self.slots)
             await asyncio.sleep(HEARTBEAT_S)
 
-    async def run(self, batch: Batch) -> AsyncIterator[Progress | BatchOutcome]:
+    async def run(self, batch: Batch) -> AsyncIterator[Progress | EngineReleased | BatchOutcome]:
         async for message in self.runner.run(batch):
             yield message
 
@@ -136,17 +141,9 @@ class RayEngineClient:
     def __init__(self, handles: dict[str, DeploymentHandle]) -> None:
         self.handles = handles
 
-    async def run(self, batch: Batch, on_progress) -> BatchOutcome:
+    async def run(self, batch: Batch, on_progress, on_released=None) -> BatchOutcome:
         handle = self.handles[f"{batch.pool}/{batch.variant}"]
-        outcome = None
-        async for message in handle.options(stream=True).run.remote(batch):
-            if isinstance(message, BatchOutcome):
-                outcome = message
-            else:
-                on_progress(message)
-        if outcome is None:
-            raise PlatformError("the engine replica ended the batch without an outcome", code="engine_lost_batch")
-        return outcome
+        return await follow(handle.options(stream=True).run.remote(batch), on_progress, on_released)
 
     async def cancel(self, pool: str, variant: str, item_ids: list[str]) -> None:
         # Rare, control-plane: every replica hears it; the one running the items stops them.

@@ -19,7 +19,10 @@ class InProcessPlatform:
         self.config = config
         pool = pool or next(iter(config.pools))
         results = result_store(config)
-        self.runners = {(pool, v): EngineRunner(engine, results) for v, engine in engines.items()}
+        level = config.engine.png_compress_level
+        self.runners = {
+            (pool, v): EngineRunner(engine, results, png_compress_level=level) for v, engine in engines.items()
+        }
         store = job_store(config, migrate=True)
         self.scheduler = scheduler_service(config, LocalEngineClient(self.runners), store=store)
         for p, v in self.runners:

@@ -225,11 +225,16 @@ class ResultStore:
     # -- writes -----------------------------------------------------------------------------
 
     def put_image(self, key: str, png: bytes, metadata: dict[str, str]) -> StoredObject:
-        """Store ``png`` under ``key`` once; a repeat with the same bytes returns the stored object."""
+        """Store ``png`` under ``key`` once; a repeat with the same bytes returns the stored object.
+
+        With conditional writes the PUT goes first (one round trip on the common path: the key is
+        new) and the server refuses it if the key exists; without them a HEAD has to ask first.
+        """
         digest = sha256_hex(png)
-        existing = self.head(key)
-        if existing is not None:
-            return self._same_or_raise(existing, digest)
+        if not self.conditional_writes:
+            existing = self.head(key)
+            if existing is not None:
+                return self._same_or_raise(existing, digest)
         try:
             return self._put(key, png, PNG_CONTENT_TYPE, metadata, digest, if_none_match=self.conditional_writes)
         except ClientError as exc:
