@@ -207,7 +207,8 @@ class PoolConfig(_Strict):
     #: bucket (``default`` for the rest): a short loan gives the engine back soon when this
     #: pool's own class arrives (a realtime request waits at most one small bulk batch).
     lend_max_batch: dict[str, int] = Field(default_factory=dict)
-    #: How long the merger waits for a batch to fill, per bucket (``default`` for the rest).
+    #: How long the merger waits for a batch to fill while the engine already runs one, per bucket
+    #: (``default`` for the rest). An idle engine starts at once.
     max_wait_ms: dict[str, float] = Field(default_factory=lambda: {"default": 25.0})
     #: Queue bound and deadline per class (admission control).
     queue_bound: dict[str, int] = Field(default_factory=lambda: {"realtime": 64, "standard": 1024, "bulk": 100_000})

@@ -202,3 +202,19 @@ def test_variants_only_run_where_an_engine_exists():
     d.set_capacity("std", "base", 1)
     batch, _ = d.next_batch(now=1.0)
     assert batch.variant == "base"
+
+
+def test_an_idle_engine_starts_at_once_and_a_busy_one_waits_to_merge():
+    """The merge wait is only worth paying while the engine already runs a batch (continuous
+    batching): a lone request on an idle engine leaves at once."""
+    d = Dispatcher(pools(wait=0.05))
+    d.set_capacity("std", "turbo", 2)
+    d.submit(item("alone", at=0.0))
+    first, _ = d.next_batch(now=0.0)
+    assert first is not None and ids(first.items) == ["alone"]
+    d.submit(item("a", at=0.01))
+    batch, wake_at = d.next_batch(now=0.02)  # one slot free, but one batch in flight: merge
+    assert batch is None and abs(wake_at - 0.06) < 1e-9
+    d.submit(item("b", at=0.03))
+    second, _ = d.next_batch(now=0.06)
+    assert ids(second.items) == ["a", "b"]

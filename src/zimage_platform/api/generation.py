@@ -7,6 +7,7 @@ sampler or image is validated the same way wherever it comes from.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import uuid
@@ -21,6 +22,7 @@ from zimage_platform.netsafe import IMAGE_URLS
 from zimage_platform.pipeline.images import ImageLimits, decode_image
 from zimage_platform.pipeline.params import GenerationParams, resolve_requests
 from zimage_platform.scheduling.models import JobRow
+from zimage_platform.scheduling.service import Submitted
 from zimage_platform.scheduling.store import NewJob, new_id
 from zimage_platform.telemetry.context import RequestTrace
 from zimage_platform.tenancy import TenantSpec
@@ -191,12 +193,24 @@ async def submit(services: PlatformServices, tenant: TenantSpec, job: NewJob) ->
     """Images-per-minute limit, then the scheduler's admission (queue bound, concurrency, quota),
     entered through the class's submit gate. A replayed Idempotency-Key returns its job without
     spending the tenant's limits again."""
-    if job.idempotency_key and (existing := services.store.find_idempotent(job)) is not None:
+    if job.idempotency_key and (existing := await asyncio.to_thread(services.store.find_idempotent, job)):
         return existing, False
     services.rate_limiter.check_images(tenant.id, tenant.limits.images_per_minute, len(job.seeds))
     async with services.submit_gates.enter(job.priority_class):
-        job_id, created = await services.scheduler.submit(job)
-        return services.store.get(job_id, job.tenant_id), created
+        return await services.scheduler.submit(job)
+
+
+async def submit_and_wait(
+    services: PlatformServices, tenant: TenantSpec, job: NewJob, *, inline: bool = False
+) -> Submitted:
+    """:func:`submit` for the synchronous APIs, in one call to the scheduler: the job comes back
+    finished (no read of the job store), with its PNGs when ``inline``. A replayed
+    Idempotency-Key waits for the earlier job (its PNGs are then read from S3)."""
+    replay = job.idempotency_key and await asyncio.to_thread(services.store.find_idempotent, job)
+    if not replay:
+        services.rate_limiter.check_images(tenant.id, tenant.limits.images_per_minute, len(job.seeds))
+    async with services.submit_gates.enter(job.priority_class):
+        return await services.scheduler.submit_and_wait(job, services.config.limits.sync_timeout_s, inline=inline)
 
 
 def job_view(services: PlatformServices, row: JobRow, *, presign: bool = True) -> dict[str, Any]:

@@ -7,6 +7,7 @@ previous row of its tenant by hash: altering, deleting or reordering rows breaks
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import ROUND_HALF_UP, Decimal
@@ -16,7 +17,7 @@ from sqlalchemy import Float, Integer, Numeric, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from zimage_platform.db.base import Base, UTCDateTime
-from zimage_platform.db.chain import append
+from zimage_platform.db.chain import append_many
 
 if TYPE_CHECKING:
     from zimage_platform.config import BillingConfig
@@ -130,8 +131,34 @@ def price(billing: BillingConfig, plan: str, variant: str, bucket: str) -> tuple
 
 def append_entry(session: Session, billing: BillingConfig, entry: LedgerEntry) -> LedgerEntryRow:
     """Price the image and chain its row, inside the caller's transaction."""
+    return append_entries(session, billing, [entry])[0]
+
+
+def append_entries(session: Session, billing: BillingConfig, entries: list[LedgerEntry]) -> list[LedgerEntryRow]:
+    """Price and chain several images' rows (a batch's), each tenant's chain head locked once."""
+    rows = [_priced(billing, entry) for entry in entries]
+    by_tenant: dict[str, list[LedgerEntryRow]] = {}
+    for row in rows:
+        by_tenant.setdefault(row.tenant_id, []).append(row)
+    for tenant_id, tenant_rows in by_tenant.items():
+
+        def content_at(row: LedgerEntryRow) -> Callable[[int], dict[str, Any]]:
+            def content(seq: int) -> dict[str, Any]:
+                row.chain_seq = seq
+                return row.content()
+
+            return content
+
+        links = append_many(session, chain_name(tenant_id), [content_at(row) for row in tenant_rows])
+        for row, (_, prev, digest) in zip(tenant_rows, links, strict=True):
+            row.prev_hash, row.hash = prev, digest
+    session.add_all(rows)
+    return rows
+
+
+def _priced(billing: BillingConfig, entry: LedgerEntry) -> LedgerEntryRow:
     unit_price, currency = price(billing, entry.plan, entry.variant, entry.bucket)
-    row = LedgerEntryRow(
+    return LedgerEntryRow(
         tenant_id=entry.tenant_id,
         job_id=entry.job_id,
         image_index=entry.image_index,
@@ -157,11 +184,3 @@ def append_entry(session: Session, billing: BillingConfig, entry: LedgerEntry) -
         prev_hash="",
         hash="",
     )
-
-    def content_at(seq: int) -> dict[str, Any]:
-        row.chain_seq = seq
-        return row.content()
-
-    _, row.prev_hash, row.hash = append(session, chain_name(entry.tenant_id), content_at)
-    session.add(row)
-    return row

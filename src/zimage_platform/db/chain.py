@@ -40,17 +40,26 @@ def link_hash(prev_hash: str, content: dict[str, Any]) -> str:
     return hashlib.sha256(prev_hash.encode() + canonical(content)).hexdigest()
 
 
-def append(
-    session: Session, chain: str, content: dict[str, Any] | Callable[[int], dict[str, Any]]
-) -> tuple[int, str, str]:
+Content = dict[str, Any] | Callable[[int], dict[str, Any]]
+
+
+def append(session: Session, chain: str, content: Content) -> tuple[int, str, str]:
     """Reserve the next link of ``chain`` inside the caller's transaction: ``(seq, prev_hash, hash)``.
 
     ``content`` may be a function of the new sequence number, for rows that hash their own
     position: it is called only once the head is locked, so the number cannot change under it.
     """
+    return append_many(session, chain, [content])[0]
+
+
+def append_many(session: Session, chain: str, contents: list[Content]) -> list[tuple[int, str, str]]:
+    """:func:`append` for several rows in order, locking the head once."""
     insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
     session.execute(insert(ChainHeadRow).values(chain=chain, seq=0, hash=GENESIS).on_conflict_do_nothing())
     head = session.scalars(select(ChainHeadRow).where(ChainHeadRow.chain == chain).with_for_update()).one()
-    prev, seq = head.hash, head.seq + 1
-    head.seq, head.hash = seq, link_hash(prev, content(seq) if callable(content) else content)
-    return seq, prev, head.hash
+    links = []
+    for content in contents:
+        prev, seq = head.hash, head.seq + 1
+        head.seq, head.hash = seq, link_hash(prev, content(seq) if callable(content) else content)
+        links.append((seq, prev, head.hash))
+    return links

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from zimage_platform.scheduling.service import SchedulerService
+from zimage_platform.scheduling.models import JobRow
+from zimage_platform.scheduling.service import SchedulerService, Submitted
 from zimage_platform.scheduling.store import NewJob
 
 
@@ -13,9 +14,11 @@ class LocalSchedulerClient:
     def __init__(self, service: SchedulerService) -> None:
         self.service = service
 
-    async def submit(self, job: NewJob, *, check_queue: bool = True) -> tuple[str, bool]:
-        row, created = await self.service.submit(job, check_queue=check_queue)
-        return row.id, created
+    async def submit(self, job: NewJob, *, check_queue: bool = True) -> tuple[JobRow, bool]:
+        return await self.service.submit(job, check_queue=check_queue)
+
+    async def submit_and_wait(self, job: NewJob, wait_s: float, *, inline: bool = False) -> Submitted:
+        return await self.service.submit_and_wait(job, wait_s, inline=inline)
 
     async def submit_many(self, jobs: list[NewJob]) -> list[str]:
         return [row.id for row in await self.service.submit_many(jobs)]

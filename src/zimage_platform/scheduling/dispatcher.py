@@ -190,9 +190,14 @@ class Dispatcher:
         self, runner: PoolPolicy, source: PoolPolicy, now: float, free: list[str]
     ) -> tuple[Batch | None, float | None]:
         cap = runner.max_batch if runner is source or runner.lend_batch is None else runner.lend_batch
-        items, wake_at = self.queues[source.name].next_batch(
-            now, max_batch=cap, max_wait=source.max_wait, variants=free
-        )
+        inflight, name = self.inflight, runner.name
+
+        def max_wait(key: WorkKey) -> float:
+            # An engine with nothing in flight starts at once: waiting could only merge requests
+            # that have not arrived yet. While it is busy, work piles up and batches fill anyway.
+            return source.max_wait(key) if inflight.get((name, key.variant), 0) else 0.0
+
+        items, wake_at = self.queues[source.name].next_batch(now, max_batch=cap, max_wait=max_wait, variants=free)
         if not items:
             return None, wake_at
         key = items[0].key

@@ -19,6 +19,8 @@ class JobEvent:
     job_id: str
     data: dict[str, Any] = field(default_factory=dict)
     at: float = field(default_factory=time.time)
+    #: The job as stored when it reached this (terminal) state: in-process waiters need no read.
+    row: Any = field(default=None, repr=False, compare=False)
 
     @property
     def terminal(self) -> bool:
@@ -37,13 +39,13 @@ class EventHub:
         self.max_jobs = max_jobs
         self.max_events = max_events_per_job
 
-    def publish(self, job_id: str, type_: str, **data: Any) -> JobEvent:
+    def publish(self, job_id: str, type_: str, row: Any = None, **data: Any) -> JobEvent:
         events = self._history.get(job_id)
         if events is None:
             events = self._history[job_id] = []
             while len(self._history) > self.max_jobs:
                 self._history.popitem(last=False)
-        event = JobEvent(seq=(events[-1].seq + 1) if events else 1, type=type_, job_id=job_id, data=data)
+        event = JobEvent(seq=(events[-1].seq + 1) if events else 1, type=type_, job_id=job_id, data=data, row=row)
         # Progress events are superseded by later ones; keep terminal and lifecycle events.
         if len(events) >= self.max_events and events[-1].type == "progress":
             events.pop()

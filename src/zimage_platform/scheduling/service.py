@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
 from opentelemetry.trace import Link
@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["AdmissionLimit", "EngineClient", "QueueFull", "SchedulerService", "month_start", "work_key"]
 
+#: Seconds a tenant's monthly usage count is trusted before it is read from the store again.
+USAGE_TTL_S = 5.0
 #: Database errors worth waiting out (the server went away, restarted, or was busy).
 _RETRYABLE_DB_ERRORS = frozenset({"OperationalError", "InterfaceError"})
 
@@ -75,6 +77,17 @@ def work_key(row: JobRow) -> WorkKey:
         strength=p["strength"] if p.get("input_key") else None,
         hires=(p["hires_from"], p["hires_denoise"]) if p.get("hires_from") else None,
     )
+
+
+@dataclass
+class Submitted:
+    """What a synchronous submission gets back: the job (terminal unless ``timed_out``) and, for
+    inline responses, the PNG of each delivered image by index."""
+
+    row: JobRow
+    created: bool
+    timed_out: bool = False
+    pngs: dict[int, bytes] = field(default_factory=dict)
 
 
 @dataclass
@@ -164,6 +177,10 @@ class SchedulerService:
         self._cancelled_items: set[str] = set()
         #: Running jobs a client cancelled (their images stop at the next step boundary).
         self._cancelling: set[str] = set()
+        #: Monthly image usage per tenant: (counted at, month, images).
+        self._usage: dict[str, tuple[float, datetime, int]] = {}
+        #: PNGs of jobs whose synchronous caller waits for them inline (job → index → bytes).
+        self._inline: dict[str, dict[int, bytes]] = {}
         self._listeners: list[JobListener] = []
         self._running = False
 
@@ -252,7 +269,7 @@ class SchedulerService:
     ) -> None:
         """The tenant's concurrency cap and monthly image quota, then reserve the room for this
         admission (nothing awaits between the checks and the reservation, so none can race it)."""
-        used = await asyncio.to_thread(self.store.images_since, tenant_id, month_start(utcnow())) if quota else 0
+        used = await self._month_usage(tenant_id) if quota else 0
         self.admission.check_tenant(
             tenant_id,
             running=self._active.count(tenant_id),
@@ -267,6 +284,22 @@ class SchedulerService:
 
     def _release(self, tenant_id: str, *, jobs: int, images: int) -> None:
         self.admission.release(tenant_id, jobs=jobs, images=images)
+
+    async def _month_usage(self, tenant_id: str) -> int:
+        """Images the tenant asked for this month: counted in the store at most every
+        ``USAGE_TTL_S`` per tenant, plus what this scheduler admitted since (a count per
+        submission would be a join over the month's images on every request)."""
+        month = month_start(utcnow())
+        cached = self._usage.get(tenant_id)
+        if cached is None or cached[1] != month or self.clock() - cached[0] > USAGE_TTL_S:
+            used = await asyncio.to_thread(self.store.images_since, tenant_id, month)
+            cached = self._usage[tenant_id] = (self.clock(), month, used)
+        return cached[2]
+
+    def _count_usage(self, tenant_id: str, images: int) -> None:
+        cached = self._usage.get(tenant_id)
+        if cached is not None:
+            self._usage[tenant_id] = (cached[0], cached[1], cached[2] + images)
 
     async def submit(self, job: NewJob, *, check_queue: bool = True) -> tuple[JobRow, bool]:
         """Admit, write the job (before queueing), then queue its images. ``(row, created)``."""
@@ -299,6 +332,7 @@ class SchedulerService:
                 job.deadline_at = utcnow() + timedelta(seconds=deadline_s)
             row, created = await asyncio.to_thread(self.store.create, job)
             if created:
+                self._count_usage(job.tenant_id, images)
                 await self._enqueue(row)
         finally:
             self._release(job.tenant_id, jobs=1, images=images)
@@ -316,6 +350,7 @@ class SchedulerService:
         )
         try:
             rows = await asyncio.to_thread(self.store.create_many, jobs)
+            self._count_usage(first.tenant_id, images)
             for row in rows:
                 await self._enqueue(row)
         finally:
@@ -358,6 +393,7 @@ class SchedulerService:
                     enqueued_wall_ns=time.time_ns(),
                     deadline=deadline,
                     adopt=row.attempts > 0,
+                    inline=row.id in self._inline,
                 )
             )
         pool = self.dispatcher.pool_of(row.priority_class)
@@ -390,12 +426,32 @@ class SchedulerService:
         return {i for i in item_ids if i in self._cancelled_items}
 
     async def wait(self, job_id: str, timeout_s: float) -> JobRow:
-        """Block until the job is terminal (synchronous API)."""
+        """Block until the job is terminal (synchronous API); its row as it was finished."""
         async with asyncio.timeout(timeout_s):
             async for event in self.hub.subscribe(job_id):
                 if event.terminal:
+                    if event.row is not None:
+                        return event.row
                     break
         return await asyncio.to_thread(self.store.get, job_id)
+
+    async def submit_and_wait(self, job: NewJob, wait_s: float, *, inline: bool = False) -> Submitted:
+        """The synchronous APIs' one call: admit and write the job, then wait until it is terminal
+        (or ``wait_s`` passes: ``timed_out``, the job goes on). With ``inline`` the PNGs come back
+        with it, as the engine handed them over, so the caller need not read them from S3."""
+        if inline:
+            self._inline.setdefault(job.id, {})
+        try:
+            row, created = await self.submit(job)  # an idempotent replay: the earlier job, no PNGs
+            if row.status in TERMINAL:
+                return Submitted(row, created)
+            try:
+                row = await self.wait(row.id, wait_s)
+            except TimeoutError:
+                return Submitted(row, created, timed_out=True)
+            return Submitted(row, created, pngs=self._inline.get(row.id, {}))
+        finally:
+            self._inline.pop(job.id, None)
 
     async def events(self, job_id: str, after: int = 0) -> AsyncIterator[dict[str, Any]]:
         row = await asyncio.to_thread(self.store.get, job_id)
@@ -584,6 +640,8 @@ class SchedulerService:
                 )
                 entry = self._ledger_entry(batch, outcome, item, result, active.row, share)
                 done.append(DoneImage(item.job_id, item.index, stored, entry))
+                if result.png is not None and item.job_id in self._inline:
+                    self._inline[item.job_id][item.index] = result.png
                 active.remaining.discard(item.index)
             elif result.status == "failed":
                 tries = active.failures[item.index] = active.failures.get(item.index, 0) + 1
@@ -687,7 +745,7 @@ class SchedulerService:
         self._emit(row, row.status, **data)
 
     def _emit(self, row: JobRow, type_: str, **data: Any) -> None:
-        self.hub.publish(row.id, type_, **data)
+        self.hub.publish(row.id, type_, row=row if type_ in TERMINAL else None, **data)
         for listener in self._listeners:
             try:
                 listener(row.id, type_, data, row)

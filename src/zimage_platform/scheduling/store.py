@@ -22,7 +22,7 @@ from sqlalchemy import Engine, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from zimage_platform.billing.ledger import LedgerEntry, append_entry
+from zimage_platform.billing.ledger import LedgerEntry, append_entries
 from zimage_platform.db import session_factory, utcnow
 from zimage_platform.errors import PlatformError
 from zimage_platform.scheduling.models import TERMINAL, BatchRow, JobImageRow, JobRow, WebhookDeliveryRow
@@ -312,11 +312,18 @@ class JobStore:
         now = utcnow()
         recorded = Recorded()
         with self.session() as s, s.begin():
+            wanted = {(item.job_id, item.index) for item in done}
+            images: dict[tuple[str, int], JobImageRow] = {}
+            if wanted:
+                job_ids = sorted({job_id for job_id, _ in wanted})
+                q = select(JobImageRow).where(JobImageRow.job_id.in_(job_ids)).with_for_update()
+                images = {(r.job_id, r.index): r for r in s.scalars(q) if (r.job_id, r.index) in wanted}
+            bills: list[LedgerEntry] = []
             for item in done:
-                row = s.get(JobImageRow, (item.job_id, item.index), with_for_update=True)
+                row = images.get((item.job_id, item.index))
                 if row is None:
                     raise JobNotFound(f"no image {item.index} of job {item.job_id}")
-                if row.status == "done":
+                if row.status == "done" or (item.job_id, item.index) in recorded.recorded:
                     continue
                 image = item.image
                 row.status = "done"
@@ -324,15 +331,20 @@ class JobStore:
                 row.timings, row.batch_size, row.engine_s = image.timings, image.batch_size, image.engine_s
                 row.replica, row.finished_at = image.replica, now
                 if item.ledger is not None:
-                    append_entry(s, self.billing, item.ledger)
+                    bills.append(item.ledger)
                 recorded.recorded.add((item.job_id, item.index))
+            if bills:
+                append_entries(s, self.billing, bills)
             s.flush()
-            for finish in finishes:
-                job = s.get(JobRow, finish.job_id, with_for_update=True)
-                if job is None:
-                    raise JobNotFound(f"no job {finish.job_id}")
-                self._finish_row(job, finish.status, finish.code, finish.message, now)
-                recorded.finished[job.id] = job
+            if finishes:
+                ids = [f.job_id for f in finishes]
+                jobs = {j.id: j for j in s.scalars(select(JobRow).where(JobRow.id.in_(ids)).with_for_update())}
+                for finish in finishes:
+                    job = jobs.get(finish.job_id)
+                    if job is None:
+                        raise JobNotFound(f"no job {finish.job_id}")
+                    self._finish_row(job, finish.status, finish.code, finish.message, now)
+                    recorded.finished[job.id] = job
         return recorded
 
     def pending_indexes(self, job_id: str) -> list[int]:

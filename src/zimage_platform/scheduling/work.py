@@ -58,6 +58,8 @@ class WorkItem:
     #: upload): the engine replica reuses a stored object of this job, index and seed instead of
     #: generating (and billing) it again.
     adopt: bool = False
+    #: A synchronous caller waits for the bytes: the replica hands the PNG back with the outcome.
+    inline: bool = False
     #: Set while the item sits in a queue (lets expired-deadline heap entries be skipped lazily).
     queued: bool = field(default=False, compare=False)
     #: Which queue entry is the live one: removals are lazy, so a stale entry of a re-queued item
@@ -103,6 +105,8 @@ class ItemOutcome:
     timings: list[dict[str, Any]] = field(default_factory=list)
     error_code: str | None = None
     error_message: str | None = None
+    #: The PNG itself, for items a synchronous caller waits for inline (else ``None``).
+    png: bytes | None = None
 
 
 @dataclass

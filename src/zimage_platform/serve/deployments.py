@@ -23,6 +23,8 @@ from ray.serve.handle import DeploymentHandle
 from zimage_platform.api import create_api
 from zimage_platform.config import PlatformConfig
 from zimage_platform.errors import PlatformError
+from zimage_platform.scheduling.models import JobRow
+from zimage_platform.scheduling.service import Submitted
 from zimage_platform.scheduling.store import NewJob
 from zimage_platform.scheduling.work import Batch, BatchOutcome, EngineReleased, Progress, follow
 from zimage_platform.serve.components import platform_services, result_store, scheduler_service
@@ -179,10 +181,16 @@ class Scheduler:
     async def submit(self, job: NewJob, check_queue: bool = True) -> dict[str, Any]:
         await self._started
         try:
-            row, created = await self.service.submit(job, check_queue=check_queue)
+            return _ok(await self.service.submit(job, check_queue=check_queue))
         except PlatformError as exc:
             return _err(exc)
-        return _ok((row.id, created))
+
+    async def submit_and_wait(self, job: NewJob, wait_s: float, inline: bool = False) -> dict[str, Any]:
+        await self._started
+        try:
+            return _ok(await self.service.submit_and_wait(job, wait_s, inline=inline))
+        except PlatformError as exc:
+            return _err(exc)
 
     async def submit_many(self, jobs: list[NewJob]) -> dict[str, Any]:
         await self._started
@@ -228,9 +236,12 @@ class RaySchedulerClient:
     def __init__(self, handle: DeploymentHandle) -> None:
         self.handle = handle
 
-    async def submit(self, job: NewJob, *, check_queue: bool = True) -> tuple[str, bool]:
-        job_id, created = _unwrap(await self.handle.submit.remote(job, check_queue))
-        return job_id, created
+    async def submit(self, job: NewJob, *, check_queue: bool = True) -> tuple[JobRow, bool]:
+        row, created = _unwrap(await self.handle.submit.remote(job, check_queue))
+        return row, created
+
+    async def submit_and_wait(self, job: NewJob, wait_s: float, *, inline: bool = False) -> Submitted:
+        return _unwrap(await self.handle.submit_and_wait.remote(job, wait_s, inline))
 
     async def submit_many(self, jobs: list[NewJob]) -> list[str]:
         return _unwrap(await self.handle.submit_many.remote(jobs))

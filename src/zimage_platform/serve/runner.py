@@ -252,6 +252,7 @@ class EngineRunner:
             size_bytes=stored.size,
             etag=stored.etag,
             timings=timings,
+            png=png if item.inline else None,
         )
 
 

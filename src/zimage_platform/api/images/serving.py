@@ -7,13 +7,12 @@ import base64
 from typing import Any
 
 from zimage_platform.api.generation import (
-    job_view,
     params_from,
     prepare_job,
     raise_for_failed,
     request_hash,
     store_input_image,
-    submit,
+    submit_and_wait,
 )
 from zimage_platform.api.images.protocol import ImageGenerationRequest
 from zimage_platform.api.services import PlatformServices
@@ -73,25 +72,25 @@ async def generate(
         input_key=input_key,
         body_hash=request_hash(request.model_dump(mode="json"), image),
     )
-    row, _ = await submit(services, tenant, job)
-    try:
-        await services.scheduler.wait(row.id, services.config.limits.sync_timeout_s)
-    except TimeoutError:
+    inline = request.response_format != "url"
+    submitted = await submit_and_wait(services, tenant, job, inline=inline)
+    row = submitted.row
+    if submitted.timed_out:
         raise GenerationTimeout(
             f"the images were not ready within {services.config.limits.sync_timeout_s:.0f}s; "
             f"job {row.id} goes on: GET /v1/jobs/{row.id}",
             param=row.id,
-        ) from None
-    row = services.store.get(row.id, tenant.id)
+        )
     raise_for_failed(row)
-    view = job_view(services, row, presign=request.response_format == "url")
     data = []
-    for image_row, image_view in zip(row.images, view["images"], strict=True):
-        item: dict[str, Any] = {"seed": image_row.seed}
-        if request.response_format == "url":
-            item["url"] = image_view["url"]
+    for image in row.images:
+        item: dict[str, Any] = {"seed": image.seed}
+        if not inline:
+            item["url"] = services.results.presign_get(image.s3_key)
         else:
-            png = await asyncio.to_thread(services.results.get_bytes, image_row.s3_key)
+            png = submitted.pngs.get(image.index)
+            if png is None:  # not handed over (an idempotent replay, an adopted image): from S3
+                png = await asyncio.to_thread(services.results.get_bytes, image.s3_key)
             item["b64_json"] = base64.b64encode(png).decode()
         data.append(item)
     return {"created": int(row.created_at.timestamp()), "data": data, "job_id": row.id}
