@@ -216,5 +216,5 @@ def test_an_idle_engine_starts_at_once_and_a_busy_one_waits_to_merge():
     batch, wake_at = d.next_batch(now=0.02)  # one slot free, but one batch in flight: merge
     assert batch is None and abs(wake_at - 0.06) < 1e-9
     d.submit(item("b", at=0.03))
-    second, _ = d.next_batch(now=0.06)
+    second, _ = d.next_batch(now=wake_at)
     assert ids(second.items) == ["a", "b"]
