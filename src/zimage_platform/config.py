@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -163,22 +163,49 @@ class EngineConfig(_Strict):
 PriorityClass = Literal["realtime", "standard", "bulk"]
 
 
+class ReplicaFloor(_Strict):
+    """A promotion's pre-scaling: at least ``min_replicas`` while the window is open."""
+
+    start: AwareDatetime
+    end: AwareDatetime
+    min_replicas: int = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ReplicaFloor:
+        if self.end <= self.start:
+            raise ValueError(f"floor window ends ({self.end}) before it starts ({self.start})")
+        return self
+
+
 class AutoscalingConfig(_Strict):
-    """Ray Serve ``autoscaling_config`` for one engine deployment."""
+    """How one engine deployment scales (Serve's queue-aware custom policy, see
+    ``scheduling/autoscaling.py``): on the batches in flight plus those its queue would make."""
 
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(1, ge=1)
     initial_replicas: int | None = None
-    #: Batches in flight per replica Serve aims for (our scheduler keeps it at the cap).
+    #: Share of a replica's batch slots the policy keeps busy (1.0: scale out as soon as work
+    #: would wait for a slot).
     target_ongoing_requests: float = Field(1.0, gt=0)
     upscale_delay_s: float = Field(10.0, ge=0)
     downscale_delay_s: float = Field(300.0, ge=0)
+    #: The work is averaged over this window before a decision.
+    look_back_s: float = Field(30.0, gt=0)
+    #: How often each replica reports the scheduler's view of its deployment's work to Serve.
+    metrics_interval_s: float = Field(2.0, gt=0)
+    #: Promotion pre-scaling windows (``zimage-platform ops promo`` writes them).
+    floors: list[ReplicaFloor] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _ordered(self) -> AutoscalingConfig:
         if self.min_replicas > self.max_replicas:
             raise ValueError("min_replicas must not exceed max_replicas")
         return self
+
+    @property
+    def fixed(self) -> bool:
+        """A fixed-size deployment (floors cannot raise it past ``max_replicas`` either)."""
+        return self.min_replicas == self.max_replicas
 
 
 class PoolConfig(_Strict):

@@ -60,19 +60,19 @@ def test_inside_the_window_one_json_patch_raises_serve_and_worker_group_minimums
     }
     promoted = api.objects[RAYSERVICE]
     deployments = engines(promoted)
-    # Serve: an override per engine deployment, the pool's own autoscaling with the new minimum
-    # (the platform config in `args` is untouched, so no replica restarts).
-    assert deployments["Engine-turbo-realtime"] == {
-        "name": "Engine-turbo-realtime",
-        "autoscaling_config": {
-            "min_replicas": 12,
-            "max_replicas": 16,
-            "target_ongoing_requests": 1.0,
-            "upscale_delay_s": 5.0,
-            "downscale_delay_s": 600.0,
-        },
-    }
-    assert deployments["Engine-base-standard"]["autoscaling_config"]["min_replicas"] == 16
+    # Serve: an override per engine deployment, the pool's own queue-aware autoscaling with a floor
+    # for the window (the platform config in `args` is untouched, so no replica restarts).
+    realtime = deployments["Engine-turbo-realtime"]["autoscaling_config"]
+    assert (realtime["min_replicas"], realtime["max_replicas"]) == (2, 16)  # the pool's own range
+    assert realtime["policy"]["policy_function"] == "zimage_platform.scheduling.autoscaling:QueueAwarePolicy"
+    start, end = WINDOW.split("/")
+    assert realtime["policy"]["policy_kwargs"]["floors"] == [{"start": start, "end": end, "min_replicas": 12}]
+    standard = deployments["Engine-base-standard"]["autoscaling_config"]
+    assert standard["policy"]["policy_kwargs"]["floors"][0]["min_replicas"] == 16
+    # Serve itself accepts the entry (its own schema), and the policy it would build holds the floor.
+    from ray.serve.schema import DeploymentSchema
+
+    DeploymentSchema.model_validate(deployments["Engine-turbo-realtime"])
     assert set(deployments) == {"Engine-turbo-realtime", "Engine-turbo-standard", "Engine-base-standard"}
     app = yaml.safe_load(promoted["spec"]["serveConfigV2"])["applications"][0]
     assert app["args"] == yaml.safe_load(original["spec"]["serveConfigV2"])["applications"][0]["args"]

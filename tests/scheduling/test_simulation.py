@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -147,22 +148,32 @@ def test_autoscaling_delays_cost_latency(h800: PlatformConfig):
     def run(delay: float, startup: float):
         scaling = AutoscalingConfig(min_replicas=1, max_replicas=16, upscale_delay_s=delay, downscale_delay_s=60)
         config = one_pool(h800, autoscaling=scaling, queue_bound={"realtime": 10_000})
-        return simulate(config, load.model_copy(update={"startup_s": {"default": startup}}), latency, demand="queue")
+        return simulate(config, load.model_copy(update={"startup_s": {"default": startup}}), latency)
 
     quick, slow = run(5, 30), run(120, 180)
     p95 = lambda r: r.classes["realtime"]["latency_s"]["p95"]  # noqa: E731
     assert p95(quick) < p95(slow)
     assert quick.pools["all"]["deployments"]["turbo"]["peak_replicas"] > 1
-    # What the deployed Serve autoscaler sees (in-flight batches only) never grows the deployment.
-    static = simulate(one_pool(h800, autoscaling=AutoscalingConfig(min_replicas=1, max_replicas=16)), load, latency)
-    assert static.pools["all"]["deployments"]["turbo"]["peak_replicas"] == 1
+    # A promotion's floor, open from the start of the burst, holds the replicas up before the
+    # queue would have asked for them: the same policy with a floor beats the slow scaler.
+    floor = {"start": load.start + timedelta(seconds=120), "end": load.start + timedelta(hours=1), "min_replicas": 8}
+    scaling = AutoscalingConfig(
+        min_replicas=1, max_replicas=16, upscale_delay_s=120, downscale_delay_s=60, floors=[floor]
+    )
+    floored = simulate(
+        one_pool(h800, autoscaling=scaling, queue_bound={"realtime": 10_000}),
+        load.model_copy(update={"startup_s": {"default": 180}}),
+        latency,
+    )
+    assert floored.pools["all"]["deployments"]["turbo"]["peak_replicas"] >= 8
+    assert p95(floored) < p95(slow)
 
 
 def test_autoscaler_waits_its_delays_and_replicas_start_later():
     scaler = ReplicaAutoscaler(
-        AutoscalingConfig(min_replicas=1, max_replicas=8, upscale_delay_s=10, downscale_delay_s=30),
+        AutoscalingConfig(min_replicas=1, max_replicas=8, upscale_delay_s=10, downscale_delay_s=30, look_back_s=1e-3),
+        slots=1,
         startup_s=60,
-        look_back_s=0,
     )
     assert scaler.observe(0, 4) == 0 and scaler.total == 1
     assert scaler.observe(9, 4) == 0 and scaler.total == 1  # not wanted long enough yet

@@ -3,10 +3,12 @@
 What is patched, and why this way:
 
 - **Serve**: an entry per engine deployment under the app's ``deployments:`` in
-  ``spec.serveConfigV2`` (``autoscaling_config`` with the new ``min_replicas``; ``num_replicas``
-  for a fixed-size deployment). Serve applies deployment-level scaling options without
-  restarting replicas; changing the app's ``args`` (the platform config) would redeploy every
-  replica — engines reloading at the start of a promotion.
+  ``spec.serveConfigV2``: its ``autoscaling_config`` with a floor window added to the
+  queue-aware policy's ``policy_kwargs`` (``num_replicas`` for a fixed-size deployment). The
+  policy holds the floor exactly inside the window, between CronJob runs too. Serve applies
+  deployment-level scaling options without restarting replicas; changing the app's ``args``
+  (the platform config) would redeploy every replica — engines reloading at the start of a
+  promotion.
 - **KubeRay**: the pool's worker group ``minReplicas`` (and ``replicas``/``maxReplicas`` where
   they would be below it), so pods with slices are up before the traffic. KubeRay leaves these
   fields out of the cluster hash: the cluster is updated in place, never recreated.
@@ -25,12 +27,13 @@ import copy
 import json
 import math
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 
 from zimage_platform.k8s.tenants import _pointer
+from zimage_platform.scheduling.autoscaling import serve_autoscaling_config
 
 if TYPE_CHECKING:
     from kubernetes.client import ApiClient
@@ -43,6 +46,9 @@ BUILDER = "zimage_platform.serve.builder:app_builder"
 GROUP_FIELDS = ("replicas", "minReplicas", "maxReplicas")
 SLICE_RESOURCES = ("nvidia.com/mig-", "nvidia.com/gpu")
 GROUP = ("ray.io", "v1", "rayservices")
+#: A floor applied without a window holds until ``--restore``.
+OPEN_START = datetime(1970, 1, 1, tzinfo=UTC)
+OPEN_END = datetime(9999, 12, 31, tzinfo=UTC)
 
 
 @dataclass(frozen=True)
@@ -131,23 +137,35 @@ def _groups_of(spec: dict[str, Any], pool: str) -> list[int]:
 # -- what the promotion looks like ---------------------------------------------------------
 
 
-def _engine_entry(config: PlatformConfig, pool: str, original: dict[str, Any] | None, n: int) -> dict[str, Any]:
-    """The Serve ``deployments:`` entry for an engine deployment pre-scaled to at least ``n``."""
-    scaling = config.pools[pool].autoscaling
+def _engine_entry(
+    config: PlatformConfig, pool: str, original: dict[str, Any] | None, n: int, window: Window | None
+) -> dict[str, Any]:
+    """The Serve ``deployments:`` entry for an engine deployment held at ``n`` replicas or more.
+
+    An autoscaled deployment gets a floor of its queue-aware policy for the window (open until
+    the restore when there is none): the policy that scales it on its queue also holds the
+    promotion's minimum, exactly inside the window, whenever this runs. A fixed-size deployment
+    gets ``num_replicas``."""
+    pool_cfg = config.pools[pool]
+    scaling = pool_cfg.autoscaling
     entry = copy.deepcopy(original) if original else {}
-    if "num_replicas" in entry or (scaling.min_replicas == scaling.max_replicas and "autoscaling_config" not in entry):
+    if "num_replicas" in entry or (scaling.fixed and "autoscaling_config" not in entry):
         base = entry.get("num_replicas", scaling.min_replicas)
         entry["num_replicas"] = max(int(base), n)
         return entry
-    auto = dict(entry.get("autoscaling_config") or scaling.model_dump(exclude_none=True))
-    auto["min_replicas"] = max(int(auto.get("min_replicas", 0)), n)
-    auto["max_replicas"] = max(int(auto.get("max_replicas", 1)), auto["min_replicas"])
+    ours = serve_autoscaling_config(scaling, pool_cfg.max_concurrent_batches)
+    auto = entry.get("autoscaling_config") or ours
+    auto.setdefault("policy", ours["policy"])
+    start, end = (window.start, window.end) if window else (OPEN_START, OPEN_END)
+    floor = {"start": start.isoformat(), "end": end.isoformat(), "min_replicas": n}
+    auto["policy"].setdefault("policy_kwargs", {}).setdefault("floors", []).append(floor)
+    auto["max_replicas"] = max(int(auto.get("max_replicas", 1)), n)
     entry["autoscaling_config"] = auto
     return entry
 
 
 def _promoted(
-    spec: dict[str, Any], record: dict[str, Any], mins: dict[tuple[str, str], int]
+    spec: dict[str, Any], record: dict[str, Any], mins: dict[tuple[str, str], int], window: Window | None
 ) -> tuple[str, dict[str, dict[str, int]]]:
     """The serveConfigV2 text and worker-group fields of the promotion, from the originals in ``record``."""
     from zimage_platform.serve.builder import engine_deployment_name
@@ -163,18 +181,17 @@ def _promoted(
             name = engine_deployment_name(variant, pool)
             original = entries[by_name[name]] if name in by_name else None
             n = mins.get((pool, variant))
-            entry = _engine_entry(config, pool, original, n) if n is not None else (original or {})
+            entry = _engine_entry(config, pool, original, n, window) if n is not None else (original or {})
             if n is not None:
                 entry["name"] = name
                 if name in by_name:
                     entries[by_name[name]] = entry
                 else:
                     entries.append(entry)
-            floor = entry.get("num_replicas", (entry.get("autoscaling_config") or {}).get("min_replicas"))
-            if floor is None:
-                scaling = config.pools[pool].autoscaling
-                floor = scaling.min_replicas
-            slices[pool] = slices.get(pool, 0) + int(floor)
+            least = entry.get("num_replicas", (entry.get("autoscaling_config") or {}).get("min_replicas"))
+            if least is None:
+                least = config.pools[pool].autoscaling.min_replicas
+            slices[pool] = slices.get(pool, 0) + max(int(least), n or 0)
     groups = spec["rayClusterConfig"]["workerGroupSpecs"]
     fields: dict[str, dict[str, int]] = {}
     for pool in {p for p, _ in mins}:
@@ -233,7 +250,7 @@ def plan_apply(obj: dict[str, Any], mins_spec: dict[str, int], window: Window | 
     )
     config = _platform_config(_app(yaml.safe_load(record["serveConfigV2"]["original"])))
     mins = config.deployment_counts(mins_spec, "--min-replicas", source="the RayService's serveConfigV2")
-    text, fields = _promoted(spec, record, mins)
+    text, fields = _promoted(spec, record, mins, window)
     groups = {g["groupName"]: g for g in spec["rayClusterConfig"]["workerGroupSpecs"]}
     for name in fields:
         record["workerGroups"].setdefault(name, {"original": {k: groups[name].get(k) for k in GROUP_FIELDS}})

@@ -14,11 +14,13 @@ serve its own queue before anyone else's. A pool may cap the batches it runs on 
 from __future__ import annotations
 
 import itertools
+import math
 import secrets
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from zimage_platform.scheduling.autoscaling import EngineLoad
 from zimage_platform.scheduling.queue import PoolQueue
 from zimage_platform.scheduling.work import PRIORITY_CLASSES, Batch, WorkItem, WorkKey
 
@@ -99,6 +101,7 @@ class Decision:
 class Dispatcher:
     def __init__(self, pools: Iterable[PoolPolicy], *, starvation_s: float | None = None) -> None:
         self.pools = sorted(pools, key=lambda p: p.rank)
+        self._policies = {p.name: p for p in self.pools}
         self.queues = {p.name: PoolQueue(starvation_s=starvation_s) for p in self.pools}
         self._pool_of_class = {c: p.name for p in self.pools for c in p.classes}
         self.capacity: dict[tuple[str, str], int] = {}
@@ -140,6 +143,19 @@ class Dispatcher:
 
     def done(self, batch: Batch) -> None:
         self.inflight[(batch.pool, batch.variant)] -= 1
+
+    def load(self, pool: str, variant: str) -> EngineLoad:
+        """The work of one engine deployment: its batches in flight, and the batches its pool's
+        queued images of ``variant`` would make (what its autoscaling policy scales on; the
+        live scheduler and the capacity simulator both ask this)."""
+        policy = self._policies[pool]
+        queue = self.queues[pool]
+        queued = sum(math.ceil(n / policy.max_batch(k)) for k, n in queue.key_counts().items() if k.variant == variant)
+        return EngineLoad(
+            inflight_batches=self.inflight.get((pool, variant), 0),
+            queued_batches=queued,
+            queued_images={cls: n for cls, n in queue.depths().items() if n},
+        )
 
     # -- decisions ----------------------------------------------------------------------
 

@@ -61,6 +61,10 @@ class EngineClient(Protocol):
 
     async def cancel(self, pool: str, variant: str, item_ids: list[str]) -> None: ...
 
+    async def wake(self, pool: str, variant: str) -> None:
+        """Return once the engine deployment has a replica (asks a scaled-to-zero one to start)."""
+        ...
+
 
 JobListener = Callable[[str, str, dict[str, Any], JobRow], None]
 
@@ -172,6 +176,9 @@ class SchedulerService:
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
         self._batches: dict[str, Batch] = {}
+        self._deployments = [(pool, v) for pool in config.pools for v in config.pool_variants(pool)]
+        #: Engine deployments (pool, variant) with a wake-up call outstanding.
+        self._waking: set[tuple[str, str]] = set()
         #: Batches whose engine slot is still taken (released before their images are recorded).
         self._holding: set[str] = set()
         self._cancelled_items: set[str] = set()
@@ -469,6 +476,7 @@ class SchedulerService:
             for job_id in {i.job_id for i in decision.expired}:
                 self._spawn(self._finish(job_id, "failed", "queue_timeout", "waited past its class's queue deadline"))
             self._publish_gauges()
+            self._wake_scaled_to_zero()
             batch = decision.batch
             if batch is not None:
                 metrics().batch_size.observe(len(batch.items), pool=batch.pool, variant=batch.variant)
@@ -563,6 +571,19 @@ class SchedulerService:
             if item.job_id in self._active:
                 self.dispatcher.submit(item)
         self._wake.set()
+
+    def _wake_scaled_to_zero(self) -> None:
+        """Work waits for an engine deployment with no replica (``min_replicas: 0``): keep one
+        wake-up call outstanding, so Serve starts a replica (its heartbeat then brings capacity)."""
+        capacity, queues = self.dispatcher.capacity, self.dispatcher.queues
+        for pool, variant in self._deployments:
+            if capacity.get((pool, variant)) or not queues[pool] or (pool, variant) in self._waking:
+                continue
+            if not self.dispatcher.load(pool, variant).queued_batches:
+                continue
+            self._waking.add((pool, variant))
+            task = self._spawn(self.engines.wake(pool, variant), name=f"wake-{pool}-{variant}")
+            task.add_done_callback(lambda _, key=(pool, variant): self._waking.discard(key))
 
     def _publish_gauges(self) -> None:
         registry = metrics()

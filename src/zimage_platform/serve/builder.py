@@ -19,6 +19,7 @@ from ray import serve
 from ray.serve import Application
 
 from zimage_platform.config import PlatformConfig, load_config
+from zimage_platform.scheduling.autoscaling import serve_autoscaling_config
 from zimage_platform.serve.deployments import Engine, Ingress, Scheduler
 
 
@@ -59,17 +60,10 @@ def engine_options(config: PlatformConfig, variant: str, pool_name: str) -> dict
         "graceful_shutdown_timeout_s": config.serve.graceful_shutdown_s,
         "graceful_shutdown_wait_loop_s": 1.0,
     }
-    if scaling.min_replicas == scaling.max_replicas:
+    if scaling.fixed:
         options["num_replicas"] = scaling.min_replicas
-    else:
-        options["autoscaling_config"] = {
-            "min_replicas": scaling.min_replicas,
-            "max_replicas": scaling.max_replicas,
-            "initial_replicas": scaling.initial_replicas,
-            "target_ongoing_requests": scaling.target_ongoing_requests,
-            "upscale_delay_s": scaling.upscale_delay_s,
-            "downscale_delay_s": scaling.downscale_delay_s,
-        }
+    else:  # queue-aware: scales on the scheduler's backlog, not on Serve's own request count
+        options["autoscaling_config"] = serve_autoscaling_config(scaling, pool.max_concurrent_batches)
     return options
 
 

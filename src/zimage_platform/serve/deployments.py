@@ -102,6 +102,7 @@ class Engine:
             png_compress_level=self.config.engine.png_compress_level,
         )
         self.slots = self.config.pools[pool].max_concurrent_batches
+        self._load: dict[str, float] = {}
         self._last_canary = time.monotonic()
         self._heartbeat = asyncio.create_task(self._beat())
 
@@ -119,6 +120,20 @@ class Engine:
 
     def cancel(self, item_ids: list[str]) -> None:
         self.runner.cancel(item_ids)
+
+    async def wake(self) -> None:
+        """Nothing to do: a call that waits at the handle of a deployment scaled to zero is what
+        makes Serve start its first replica (the scheduler sends one while work waits)."""
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom autoscaling metrics: the scheduler's view of this deployment's work
+        (batches in flight and the batches its queue would make), which the queue-aware policy
+        scales on. The last answer is kept if the scheduler does not reply in time."""
+        scheduler = serve.get_deployment_handle("Scheduler", self.app_name)
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(5):
+                self._load = await scheduler.engine_load.remote(self.pool, self.variant)
+        return self._load
 
     async def check_health(self) -> None:
         """Cheap: the engine is loaded; at most every few minutes, and only when idle, a 1-step canary."""
@@ -151,6 +166,10 @@ class RayEngineClient:
         # Rare, control-plane: every replica hears it; the one running the items stops them.
         await self.handles[f"{pool}/{variant}"].broadcast("cancel", item_ids).results_async()
 
+    async def wake(self, pool: str, variant: str) -> None:
+        """Returns once the deployment has a replica (it waits at the handle until then)."""
+        await self.handles[f"{pool}/{variant}"].wake.remote()
+
 
 class Scheduler:
     async def __init__(self, config: dict[str, Any], engines: dict[str, DeploymentHandle]) -> None:
@@ -170,6 +189,10 @@ class Scheduler:
                 self._replicas[(pool, variant)] = alive
                 self.service.set_capacity(pool, variant, sum(slots for _, slots in alive.values()))
             await asyncio.sleep(HEARTBEAT_S / 2)
+
+    def engine_load(self, pool: str, variant: str) -> dict[str, float]:
+        """An engine deployment's work, for its replicas' autoscaling metrics."""
+        return self.service.dispatcher.load(pool, variant).metrics()
 
     def heartbeat(self, pool: str, variant: str, replica: str, slots: int) -> None:
         first = replica not in self._replicas.setdefault((pool, variant), {})

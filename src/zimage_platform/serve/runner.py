@@ -279,5 +279,8 @@ class LocalEngineClient:
     async def run(self, batch: Batch, on_progress, on_released=None) -> BatchOutcome:
         return await follow(self.runners[(batch.pool, batch.variant)].run(batch), on_progress, on_released)
 
+    async def wake(self, pool: str, variant: str) -> None:
+        """In-process runners are always there."""
+
     async def cancel(self, pool: str, variant: str, item_ids: list[str]) -> None:
         self.runners[(pool, variant)].cancel(item_ids)

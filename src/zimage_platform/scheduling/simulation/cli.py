@@ -63,10 +63,6 @@ def plan(
         list[str] | None, typer.Option(help="POOL=N or POOL/VARIANT=N: fixed replicas (repeatable).")
     ] = None,
     search: Annotated[bool, typer.Option(help="Find the fewest replicas meeting the profile's p95 SLOs.")] = False,
-    demand: Annotated[
-        str,
-        typer.Option(help="What the autoscaler sees: inflight (Serve, as deployed) or queue (queue-aware policy)."),
-    ] = "inflight",
     autoscale: Annotated[bool, typer.Option(help="Autoscale deployments not fixed by --replicas.")] = True,
     tflops: Annotated[
         list[str] | None, typer.Option(help="PROFILE:PRECISION=TFLOPS achieved per slice (repeatable).")
@@ -89,10 +85,6 @@ def plan(
     from zimage_platform.scheduling.simulation.report import latency_table as table_of
     from zimage_platform.scheduling.simulation.report import render
 
-    if demand not in ("inflight", "queue"):
-        raise InvalidRequest(
-            f"--demand must be inflight or queue, not {demand!r}", code="invalid_option", choices=["inflight", "queue"]
-        )
     cfg = _what_if(config(), _pairs(max_batch, "--max-batch"), _pairs(max_wait_ms, "--max-wait-ms"))
     achieved: dict[str, dict[str, float]] = {}
     for name, value in _pairs(tflops, "--tflops").items():
@@ -113,10 +105,10 @@ def plan(
         {k: _number(v, "--replicas", int) for k, v in _pairs(replicas, "--replicas").items()}, "--replicas"
     )
     if search:
-        found = search_replicas(cfg, load, model, demand=demand)  # type: ignore[arg-type]
+        found = search_replicas(cfg, load, model)
         typer.echo(json.dumps(found.to_dict(), indent=2, default=str) if as_json else render(found.result, found))
         if not found.feasible:
             raise typer.Exit(1)
         return
-    result = simulate(cfg, load, model, replicas=fixed, autoscale=autoscale, demand=demand)  # type: ignore[arg-type]
+    result = simulate(cfg, load, model, replicas=fixed, autoscale=autoscale)
     typer.echo(json.dumps(result.to_dict(), indent=2, default=str) if as_json else render(result))

@@ -28,7 +28,7 @@ def _s(value: float | None) -> str:
 def render(result: SimulationResult, search: SearchResult | None = None) -> str:
     parts = [
         f"profile {result.profile}: {result.simulated_s:.0f} s simulated in {result.wall_s:.1f} s "
-        f"({result.events:,} events); autoscaling demand: {result.demand}",
+        f"({result.events:,} events)",
         "",
     ]
     rows = []

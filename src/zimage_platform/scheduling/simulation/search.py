@@ -17,7 +17,6 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from zimage_platform.scheduling.autoscaling import DemandMode
 from zimage_platform.scheduling.dispatcher import pool_policies
 from zimage_platform.scheduling.simulation.profile import LoadProfile, resolve_streams
 from zimage_platform.scheduling.simulation.simulator import Deployment, Simulation, SimulationResult, meets
@@ -53,7 +52,6 @@ def search_replicas(
     profile: LoadProfile,
     latency: LatencyModel,
     *,
-    demand: DemandMode = "inflight",
     max_replicas: int = 8192,
 ) -> SearchResult:
     started = time.perf_counter()
@@ -81,9 +79,7 @@ def search_replicas(
     def run(replicas: dict[Deployment, int]) -> SimulationResult:
         nonlocal runs
         runs += 1
-        return Simulation(
-            config, profile, latency, replicas=replicas, autoscale=False, demand=demand, streams=streams
-        ).run()
+        return Simulation(config, profile, latency, replicas=replicas, autoscale=False, streams=streams).run()
 
     def ok(result: SimulationResult, pool: str | None = None) -> bool:
         """Every class meets its SLO (``pool``: only the classes that pool serves)."""

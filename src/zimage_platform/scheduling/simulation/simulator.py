@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import math
 import random
 import time
 from array import array
@@ -27,7 +26,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from zimage_platform.scheduling.admission import Admission, AdmissionLimit, QueueFull
-from zimage_platform.scheduling.autoscaling import DemandMode, ReplicaAutoscaler
+from zimage_platform.scheduling.autoscaling import ReplicaAutoscaler, floor_at
 from zimage_platform.scheduling.dispatcher import Dispatcher, pool_policies
 from zimage_platform.scheduling.simulation.profile import LoadProfile, ResolvedStream, resolve_streams
 from zimage_platform.scheduling.work import PRIORITY_CLASSES, Batch, WorkItem, WorkKey
@@ -105,14 +104,12 @@ class Simulation:
         *,
         replicas: Mapping[Deployment, int] | None = None,
         autoscale: bool = True,
-        demand: DemandMode = "inflight",
         tick_s: float = 1.0,
         streams: list[ResolvedStream] | None = None,
     ) -> None:
         self.config = config
         self.profile = profile
         self.latency = latency.for_config(config)
-        self.demand = demand
         self.tick_s = tick_s
         self.streams = streams if streams is not None else resolve_streams(profile, config)
         self.dispatcher = Dispatcher(pool_policies(config), starvation_s=config.scheduler.starvation_s)
@@ -133,7 +130,10 @@ class Simulation:
                     if not autoscale:
                         scaling = scaling.model_copy(update={"min_replicas": initial, "max_replicas": max(initial, 1)})
                 self.scalers[(pool, variant)] = ReplicaAutoscaler(
-                    scaling, startup_s=profile.startup_for(pool), initial=initial
+                    scaling,
+                    slots=pool_cfg.max_concurrent_batches,
+                    startup_s=profile.startup_for(pool),
+                    initial=initial,
                 )
         self.slots = {d: config.pools[d[0]].max_concurrent_batches for d in self.scalers}
         self.stats = {c: ClassStats() for c in PRIORITY_CLASSES}
@@ -382,23 +382,14 @@ class Simulation:
     # -- replicas -----------------------------------------------------------------------
 
     def _autoscale(self, now: float) -> None:
+        """Serve's control loop, simulated: each engine deployment's policy on the scheduler's load."""
         dispatcher = self.dispatcher
-        backlog: dict[str, dict[WorkKey, int]] = {}
-        if self.demand == "queue":
-            backlog = {name: q.key_counts() for name, q in dispatcher.queues.items()}
-        policies = {p.name: p for p in dispatcher.pools}
+        when = self.profile.start + timedelta(seconds=now)
         for (pool, variant), scaler in self.scalers.items():
             scaler.promote(now)
-            slots = self.slots[(pool, variant)]
-            demand = dispatcher.inflight.get((pool, variant), 0) / slots
-            if self.demand == "queue":
-                policy = policies[pool]
-                queued = sum(
-                    math.ceil(n / policy.max_batch(k)) for k, n in backlog[pool].items() if k.variant == variant
-                )
-                demand += queued / slots
-            scaler.observe(now, demand)
-            dispatcher.set_capacity(pool, variant, scaler.ready * slots)
+            floor = floor_at(scaler.config.floors, when)
+            scaler.observe(now, dispatcher.load(pool, variant).batches, floor)
+            dispatcher.set_capacity(pool, variant, scaler.ready * self.slots[(pool, variant)])
             stats = self.deployments[(pool, variant)]
             stats.peak_replicas = max(stats.peak_replicas, scaler.total)
 
@@ -476,7 +467,6 @@ class Simulation:
             simulated_s=now,
             wall_s=wall_s,
             events=events,
-            demand=self.demand,
             latency_model=self.latency.describe(),
             classes=classes,
             pools=pools,
@@ -510,7 +500,6 @@ class SimulationResult:
     simulated_s: float
     wall_s: float
     events: int
-    demand: str
     latency_model: dict[str, Any]
     classes: dict[str, dict[str, Any]]
     pools: dict[str, dict[str, Any]]
