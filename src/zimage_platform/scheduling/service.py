@@ -62,6 +62,7 @@ def work_key(row: JobRow) -> WorkKey:
         shift=p["shift"],
         strength=p["strength"] if p.get("input_key") else None,
         hires=(p["hires_from"], p["hires_denoise"]) if p.get("hires_from") else None,
+        scheduler=p.get("scheduler", "simple"),
     )
 
 
@@ -326,6 +327,7 @@ class SchedulerService:
                     created_at=row.created_at,
                     trace_id=row.trace_id,
                     trace_context=row.params.get("trace_context", {}),
+                    png_text=row.params.get("png_text"),
                     enqueued_at=now,
                     enqueued_wall_ns=time.time_ns(),
                     deadline=deadline,

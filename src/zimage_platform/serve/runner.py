@@ -38,11 +38,13 @@ def to_request(item: WorkItem, init_image=None) -> GenerationRequest:
         guidance=item.guidance,
         negative_prompt=item.negative_prompt,
         sampler=key.sampler,
+        scheduler=key.scheduler,
         shift=key.shift,
         init_image=init_image,
         strength=key.strength if key.strength is not None else 1.0,
         hires=HiresFix(Resolution.parse(key.hires[0]), key.hires[1]) if key.hires else None,
         request_id=item.item_id,
+        png_text=item.png_text,
     )
 
 
