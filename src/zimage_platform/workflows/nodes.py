@@ -27,10 +27,10 @@ MAX_SEED = 2**64 - 1
 SAMPLERS = {
     "euler": "euler",
     "dpmpp_2m": "dpmpp_2m",
+    "res_multistep": "res_multistep",
     "ddim": "ddim",
     "uni_pc": "unipc",
     "uni_pc_bh2": "unipc",
-    "res_multistep": "res_multistep",
 }
 #: ComfyUI's sigma schedules for the model's flow sampling (pipeline/schedules.py).
 SCHEDULERS = SCHEDULES
@@ -253,7 +253,7 @@ NODES: dict[str, NodeSpec] = {
             "sampling",
             (
                 _i("model", "MODEL", tooltip="The model used for denoising the input latent."),
-                _i("seed", "INT", **_SEED, tooltip="The random seed used for creating the noise (32-bit)."),
+                _i("seed", "INT", **_SEED, tooltip="The random seed used for creating the noise."),
                 _i("steps", "INT", **_STEPS, tooltip="The number of steps used in the denoising process."),
                 _i("cfg", "FLOAT", **_CFG, tooltip="Classifier-free guidance scale; 1 disables guidance."),
                 _combo("sampler_name", tuple(SAMPLERS), tooltip="The flow-matching sampler."),

@@ -29,6 +29,7 @@ prompts (``{a|b}`` picked at random per queueing) are not expanded: text is sent
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -88,9 +89,16 @@ class _Graph:
     links: dict[int, _Link]
     inputs: list[dict[str, Any]] = field(default_factory=list)
     outputs: list[dict[str, Any]] = field(default_factory=list)
+    by_id: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for node in self.nodes:
+            if not isinstance(node, dict) or "id" not in node:
+                raise WorkflowFormatError(f"a node is not an object with an id: {str(node)[:80]}")
+            self.by_id.setdefault(str(node["id"]), node)
 
     def node(self, node_id: Any) -> dict[str, Any] | None:
-        return next((n for n in self.nodes if str(n.get("id")) == str(node_id)), None)
+        return self.by_id.get(str(node_id))
 
 
 @dataclass
@@ -191,8 +199,9 @@ class _Converter:
                 ready.append(node)
         order: list[dict[str, Any]] = []
         seen_links: set[int] = set()
-        while ready:
-            node = ready.pop(0)
+        queue = deque(ready)
+        while queue:
+            node = queue.popleft()
             order.append(node)
             for output in node.get("outputs") or []:
                 for link_id in output.get("links") or []:
@@ -206,7 +215,7 @@ class _Converter:
                         continue
                     remaining[key] -= 1
                     if remaining[key] == 0:
-                        ready.append(target)
+                        queue.append(target)
         placed = {str(n["id"]) for n in order}
         return order + [n for n in graph.nodes if str(n["id"]) not in placed]
 
