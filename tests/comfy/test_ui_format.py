@@ -209,3 +209,13 @@ def test_malformed_workflows_are_refused_with_a_reason(info):
     dangling["nodes"][5]["inputs"][1]["link"] = 99
     with pytest.raises(WorkflowFormatError, match="link 99"):
         ui_to_api(dangling, info)
+
+
+def test_an_empty_choice_list_has_no_default(info):
+    """A tenant without uploads: LoadImage's list is empty; the saved value is still sent."""
+    empty = {**info, "LoadImage": {**info["LoadImage"], "input": {"required": {"image": [[], {"image_upload": True}]}}}}
+    api = ui_to_api(template("image_z_image_turbo_fun_union_controlnet"), empty)
+    assert api["58"]["inputs"] == {"image": "image_z_image_turbo_fun_union_controlnet_input_image.png"}
+    workflow = template("image_z_image_turbo_fun_union_controlnet")
+    next(n for n in workflow["nodes"] if n["id"] == 58)["widgets_values"] = []
+    assert ui_to_api(workflow, empty)["58"]["inputs"] == {"image": None}

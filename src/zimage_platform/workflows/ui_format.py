@@ -135,8 +135,8 @@ def _widgets(spec: Mapping[str, Any] | None) -> list[tuple[str | None, Any]]:
                 continue
             if "default" in options:
                 default = options["default"]
-            elif choices:
-                default = choices[0]
+            elif isinstance(kind, list) or kind == "COMBO":
+                default = choices[0] if choices else None
             else:
                 default = {"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLEAN": False}.get(kind)
             slots.append((name, default))
