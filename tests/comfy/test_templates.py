@@ -92,6 +92,7 @@ def test_official_templates_run_unchanged_at_their_own_size(http, info):
     base = next(j for p, j in jobs.items() if p.startswith("A fashion photography work"))
     # The template's 15-digit seed, its res_multistep sampler, 25 steps with cfg 4 (guidance 3).
     assert base["images"][0]["seed"] == 677498465340151 and base["variant"] == "base"
+    assert "png_text" not in base["params"]  # carried to the engine, not shown
     assert (base["params"]["sampler"], base["params"]["steps"], base["params"]["guidance"]) == (
         "res_multistep",
         25,
@@ -120,6 +121,7 @@ def test_a_size_outside_the_buckets_runs_as_asked(http):
     prompt = json.loads(comfy_client.prompt_text)
     prompt["5"]["inputs"].update(width=96, height=160)
     prompt["3"]["inputs"].update(steps=2, seed=123456789012345)
+    prompt["3"]["inputs"]["control_after_generate"] = "randomize"  # UI-only: ignored, as ComfyUI ignores it
     response = http.post("/prompt", json={"prompt": prompt})
     assert response.status_code == 200 and response.json()["node_errors"] == {}, response.text
     entry = history(http, response.json()["prompt_id"], timeout=120)
