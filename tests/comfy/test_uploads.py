@@ -148,26 +148,37 @@ def test_every_intermediate_image_size_is_checked(http, comfy_config):
     assert error["extra_info"]["code"] == "image_too_many_pixels" and "8192x6144" in error["details"]
 
 
-def test_image_scaling_runs_off_the_event_loop(http, monkeypatch):
-    """Pillow work on an upload (decode, scale, encode) happens in a worker thread."""
+def test_image_work_runs_off_the_event_loop(http, monkeypatch):
+    """Pillow work in the ComfyUI routes (decoding an upload; decoding, scaling and encoding it
+    for a job; /view's preview conversion) happens in worker threads, never on the event loop."""
     import asyncio
 
     from zimage_platform.api import graphs
+    from zimage_platform.api.comfy import api_router
+    from zimage_platform.api.comfy import serving as comfy_serving
 
-    seen = []
-    original = graphs._scaled_png
+    seen: dict[str, list[str]] = {}
 
-    def spy(*args, **kwargs):
-        try:
-            asyncio.get_running_loop()
-            seen.append("event loop")
-        except RuntimeError:
-            seen.append("worker thread")
-        return original(*args, **kwargs)
+    def spy(module, name):
+        original = getattr(module, name)
 
-    monkeypatch.setattr(graphs, "_scaled_png", spy)
+        def wrapper(*args, **kwargs):
+            try:
+                asyncio.get_running_loop()
+                seen.setdefault(name, []).append("event loop")
+            except RuntimeError:
+                seen.setdefault(name, []).append("worker thread")
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, wrapper)
+
+    spy(graphs, "_scaled_png")
+    spy(comfy_serving, "decode_image")
+    spy(api_router, "convert_view")
     name = upload(http, png(128, 96, (1, 2, 3)), "scaled.png").json()["name"]
     prompt = img2img_graph(name, scale={"upscale_method": "lanczos", "width": 64, "height": 64, "crop": "center"})
     answer = http.post("/prompt", json={"prompt": prompt}).json()
-    assert answer["node_errors"] == {} and seen == ["worker thread"]
+    assert answer["node_errors"] == {}
     assert wait(http, answer["prompt_id"])["status"]["status_str"] == "success"
+    assert http.get("/view", params={"filename": name, "type": "input", "preview": "webp;50"}).status_code == 200
+    assert seen == {name: ["worker thread"] for name in ("decode_image", "_scaled_png", "convert_view")}

@@ -544,7 +544,7 @@ class ComfyService:
         if subfolder:
             _check_path(subfolder)
         try:
-            image = decode_image(data, image_limits(self.services), param="image")
+            image = await asyncio.to_thread(decode_image, data, image_limits(self.services), param="image")
         except PlatformError as exc:
             status = 413 if exc.code == "image_too_large" else 400
             raise ComfyError(status, ComfyError.from_platform(exc).body) from None
