@@ -17,6 +17,9 @@ from zimage_platform.errors import InvalidRequest
 #: Pixels per latent cell (VAE /8) times the transformer patch (2): every side is a multiple of 16.
 SIZE_MULTIPLE = 16
 
+#: The metrics label of every size outside the buckets.
+DYNAMIC_LABEL = "dynamic"
+
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*[xX×]\s*(\d+)\s*$")
 
 
@@ -107,6 +110,12 @@ class BucketSet:
     def is_bucket(self, size: Resolution) -> bool:
         """A compiled bucket (the fast path), not a dynamic-shape size."""
         return size in self._buckets
+
+    def label(self, size: Resolution | str) -> str:
+        """``size`` as a metrics label: a bucket's name, or ``dynamic`` for every other size (so
+        label values stay bounded however many sizes callers use)."""
+        res = size if isinstance(size, Resolution) else Resolution.parse(size)
+        return str(res) if res in self._buckets else DYNAMIC_LABEL
 
     def allows(self, size: Resolution) -> bool:
         return size in self._buckets or (self.rule is not None and self.rule.allows(size))

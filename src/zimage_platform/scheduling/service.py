@@ -518,7 +518,8 @@ class SchedulerService:
                 with span("ledger_write", job_id=item.job_id, image_index=item.index):
                     if await asyncio.to_thread(self.store.record_image, item.job_id, item.index, stored, entry):
                         metrics().ledger_rows.inc(variant=batch.variant, pool=batch.pool)
-                        metrics().images.inc(variant=batch.variant, bucket=batch.key.size, pool=batch.pool)
+                        bucket = self.config.buckets_for(batch.variant).label(batch.key.size)
+                        metrics().images.inc(variant=batch.variant, bucket=bucket, pool=batch.pool)
                 active.remaining.discard(item.index)
                 done += 1
             elif result.status == "failed":
