@@ -66,6 +66,8 @@ def test_any_multiple_of_16_within_the_limits_is_a_size(config):
     assert r.size == Resolution(1152, 768)
     sizes = config.buckets_for("turbo")
     assert not sizes.is_bucket(r.size) and sizes.is_bucket(Resolution(1024, 1024))
+    # Metrics label every other size "dynamic": label values stay bounded.
+    assert sizes.label(r.size) == "dynamic" and sizes.label("1024x1024") == "1024x1024"
     for bad in ("1000x1000", "16x16", "4096x64", "2048x2064"):
         err = refusal(config, prompt="x", size=bad)
         assert err.code == "unsupported_size" and "multiples of 16 between 64 and 2048" in err.message, bad
