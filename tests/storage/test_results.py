@@ -109,14 +109,20 @@ def test_head_and_get_of_a_missing_key(store: ResultStore, tenant: str) -> None:
     assert info.value.code == "storage_not_found" and info.value.status == 404
 
 
-def test_repeat_put_with_same_bytes_does_not_upload_again(store: ResultStore, tenant: str) -> None:
+def test_repeat_put_with_same_bytes_does_not_overwrite(store: ResultStore, tenant: str) -> None:
+    """The common path is one conditional PUT (no HEAD first); a repeat is refused by the server
+    (412) and answered with the stored object. Without conditional writes a HEAD asks first."""
     key = store.image_key(tenant, "job-1", 0, CREATED)
-    puts = count_sends(store, "PutObject")
+    heads = count_sends(store, "HeadObject")
     first = store.put_image(key, PNG, {"trace-id": "first"})
+    assert heads == []  # the first write costs one round trip
     again = store.put_image(key, PNG, {"trace-id": "retry"})
-    assert len(puts) == 1
     # The first writer's metadata stays: the stored object is what was billed.
     assert again == first and again.metadata["trace-id"] == "first"
+    assert store.head(key).metadata["trace-id"] == "first"
+    store.conditional_writes = False
+    puts = count_sends(store, "PutObject")
+    assert store.put_image(key, PNG, {"trace-id": "third"}) == first and puts == []
 
 
 def test_repeat_put_with_different_bytes_is_an_integrity_error(store: ResultStore, tenant: str) -> None:

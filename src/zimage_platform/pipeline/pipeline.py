@@ -13,7 +13,6 @@ For a single Euler request the result is the same image ``ZImagePipeline.__call_
 
 from __future__ import annotations
 
-import io
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -25,6 +24,7 @@ from diffusers.pipelines.z_image.pipeline_z_image_img2img import retrieve_latent
 from PIL import Image
 
 from zimage_platform.errors import InvalidRequest
+from zimage_platform.pipeline.images import encode_png
 from zimage_platform.pipeline.prompt_cache import PromptEmbeddingCache
 from zimage_platform.pipeline.samplers import keep_rows, make_scheduler, noise_to, set_schedule
 from zimage_platform.pipeline.types import (
@@ -92,11 +92,11 @@ class ZImageBatchPipeline:
         on_progress: ProgressFn | None = None,
         is_cancelled: CancelFn | None = None,
         *,
-        encode_png: bool = True,
+        encode: bool = True,
     ) -> list[GenerationResult]:
         """Any mix of requests: compatible ones share a batch; hires-fix runs its two passes.
 
-        ``encode_png=False`` leaves ``png`` empty (``image`` is always set): a serving replica
+        ``encode=False`` leaves ``png`` empty (``image`` is always set): a serving replica
         encodes while its engine already runs the next batch."""
         groups: dict[tuple, list[GenerationRequest]] = defaultdict(list)
         for request in requests:
@@ -104,7 +104,7 @@ class ZImageBatchPipeline:
         results: dict[str, GenerationResult] = {}
         for (_, hires), members in groups.items():
             run = self._run_hires if hires is not None else self.run_batch
-            for result in run(members, on_progress, is_cancelled, encode_png=encode_png):
+            for result in run(members, on_progress, is_cancelled, encode=encode):
                 results[result.request_id] = result
         return [results[r.request_id] for r in requests]
 
@@ -115,7 +115,7 @@ class ZImageBatchPipeline:
         is_cancelled: CancelFn | None = None,
         *,
         pass_name: str = "generate",
-        encode_png: bool = True,
+        encode: bool = True,
     ) -> list[GenerationResult]:
         """One denoising loop over compatible requests; results in request order."""
         key = self._check_batch(requests)
@@ -130,7 +130,7 @@ class ZImageBatchPipeline:
         # 2. The schedule, shared by the batch (that is what the batch key guarantees).
         scheduler = make_scheduler(key.sampler, key.shift, self.pipe.scheduler.config)
         h, w = key.size.latent_shape
-        timesteps = set_schedule(scheduler, key.steps, (h // 2) * (w // 2), self.device)
+        timesteps = set_schedule(scheduler, key.steps, (h // 2) * (w // 2), self.device, key.scheduler)
         if key.strength is not None:
             timesteps = self._start_at_strength(scheduler, timesteps, key.strength)
         else:
@@ -173,9 +173,12 @@ class ZImageBatchPipeline:
             with timings.stage("decode"):
                 decoded = self.decode(latents)
             images = dict(zip(alive, decoded, strict=True))
-            if encode_png:
+            if encode:
                 with timings.stage("png_encode"):
-                    pngs = {j: to_png(image, self.png_compress_level) for j, image in images.items()}
+                    pngs = {
+                        j: encode_png(image, self.png_compress_level, text=requests[j].png_text)
+                        for j, image in images.items()
+                    }
         return [
             GenerationResult(
                 request_id=r.request_id,
@@ -264,13 +267,13 @@ class ZImageBatchPipeline:
         on_progress: ProgressFn | None,
         is_cancelled: CancelFn | None,
         *,
-        encode_png: bool = True,
+        encode: bool = True,
     ) -> list[GenerationResult]:
         """Draw at the low bucket, upscale (Lanczos), then img2img at the target bucket."""
         hires = requests[0].hires
         assert hires is not None
         base = [replace(r, size=hires.base_size, hires=None) for r in requests]
-        first = self.run_batch(base, on_progress, is_cancelled, pass_name="base", encode_png=False)
+        first = self.run_batch(base, on_progress, is_cancelled, pass_name="base", encode=False)
         survivors = [(r, res) for r, res in zip(requests, first, strict=True) if not res.cancelled]
         second: dict[str, GenerationResult] = {}
         if survivors:
@@ -283,7 +286,7 @@ class ZImageBatchPipeline:
                 )
                 for r, res in survivors
             ]
-            for res in self.run_batch(refine, on_progress, is_cancelled, pass_name="hires", encode_png=encode_png):
+            for res in self.run_batch(refine, on_progress, is_cancelled, pass_name="hires", encode=encode):
                 second[res.request_id] = res
         out = []
         for request, base_result in zip(requests, first, strict=True):
@@ -312,11 +315,3 @@ class ZImageBatchPipeline:
                 param="strength",
             )
         return key
-
-
-def to_png(image: Image.Image, compress_level: int = 1) -> bytes:
-    """PNG bytes. Level 1 is ~5x faster than PIL's default 6 for ~15% more bytes: CPU time on the
-    serving path is worth more than storage."""
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", compress_level=compress_level)
-    return buf.getvalue()

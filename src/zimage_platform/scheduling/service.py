@@ -80,6 +80,7 @@ def work_key(row: JobRow) -> WorkKey:
         shift=p["shift"],
         strength=p["strength"] if p.get("input_key") else None,
         hires=(p["hires_from"], p["hires_denoise"]) if p.get("hires_from") else None,
+        scheduler=p.get("scheduler", "simple"),
     )
 
 
@@ -396,6 +397,7 @@ class SchedulerService:
                     created_at=row.created_at,
                     trace_id=row.trace_id,
                     trace_context=row.params.get("trace_context", {}),
+                    png_text=row.params.get("png_text"),
                     enqueued_at=now,
                     enqueued_wall_ns=time.time_ns(),
                     deadline=deadline,
@@ -681,10 +683,11 @@ class SchedulerService:
                 self.dispatcher.remove_job(job_id)
                 self._active.pop(job_id, None)
             return
+        bucket = self.config.buckets_for(batch.variant).label(batch.key.size)
         for image in done:
             if (image.job_id, image.index) in recorded.recorded:
                 metrics().ledger_rows.inc(variant=batch.variant, pool=batch.pool)
-                metrics().images.inc(variant=batch.variant, bucket=batch.key.size, pool=batch.pool)
+                metrics().images.inc(variant=batch.variant, bucket=bucket, pool=batch.pool)
         self.admission.drain.record(self.clock(), len(done))
         for row in recorded.finished.values():
             self._finished(row)

@@ -19,9 +19,8 @@ from opentelemetry import context as otel_context
 
 from zimage_platform.engines.engine import Engine
 from zimage_platform.errors import PlatformError
-from zimage_platform.pipeline.buckets import Resolution
-from zimage_platform.pipeline.images import ImageLimits, decode_image
-from zimage_platform.pipeline.pipeline import to_png
+from zimage_platform.pipeline.buckets import BucketSet, Resolution
+from zimage_platform.pipeline.images import ImageLimits, decode_image, encode_png
 from zimage_platform.pipeline.types import GenerationRequest, GenerationResult, HiresFix, StepEvent
 from zimage_platform.scheduling.work import (
     Batch,
@@ -49,22 +48,24 @@ def to_request(item: WorkItem, init_image=None) -> GenerationRequest:
         guidance=item.guidance,
         negative_prompt=item.negative_prompt,
         sampler=key.sampler,
+        scheduler=key.scheduler,
         shift=key.shift,
         init_image=init_image,
         strength=key.strength if key.strength is not None else 1.0,
         hires=HiresFix(Resolution.parse(key.hires[0]), key.hires[1]) if key.hires else None,
         request_id=item.item_id,
+        png_text=item.png_text,
     )
 
 
-def report_stages(results: list[GenerationResult], variant: str) -> None:
+def report_stages(results: list[GenerationResult], variant: str, sizes: BucketSet) -> None:
     """The engine stages (text encode, denoise with its steps, decode, PNG) as spans and stage
     metrics, from the pipeline's own wall-clock marks (the pipeline stays free of telemetry code)."""
     passes = next((r.passes for r in results if r.passes), [])
     for timing in passes:
         for mark in timing.marks:
             seconds = (mark.end_ns - mark.start_ns) / 1e9
-            metrics().stage_seconds.observe(seconds, stage=mark.name, variant=variant, bucket=str(timing.size))
+            metrics().stage_seconds.observe(seconds, stage=mark.name, variant=variant, bucket=sizes.label(timing.size))
             started = tracer().start_span(
                 mark.name,
                 start_time=mark.start_ns,
@@ -165,10 +166,10 @@ class EngineRunner:
                 start = time.perf_counter()
                 if requests:
                     generated.results = self.engine.run(
-                        requests, on_progress, lambda rid: rid in self.cancelled, encode_png=False
+                        requests, on_progress, lambda rid: rid in self.cancelled, encode=False
                     )
                 generated.engine_s = time.perf_counter() - start
-                report_stages(generated.results, batch.variant)
+                report_stages(generated.results, batch.variant, self.engine.sizes)
                 generated.trace_context = carrier()
             return generated
         finally:
@@ -222,11 +223,12 @@ class EngineRunner:
         timings = result.timings()
         png = result.png
         if png is None:  # encoded here, after the engine was released
-            with span("png_encode", bucket=item.key.size):
+            label = self.engine.sizes.label(result.size)
+            with span("png_encode", bucket=label):
                 started = time.perf_counter()
-                png = to_png(result.image, self.png_compress_level)
+                png = encode_png(result.image, self.png_compress_level, text=item.png_text)
                 seconds = time.perf_counter() - started
-            metrics().stage_seconds.observe(seconds, stage="png_encode", variant=batch.variant, bucket=item.key.size)
+            metrics().stage_seconds.observe(seconds, stage="png_encode", variant=batch.variant, bucket=label)
             if timings:
                 timings[-1]["png_encode_s"] = round(seconds, 6)
                 timings[-1]["total_s"] = round(timings[-1]["total_s"] + seconds, 6)

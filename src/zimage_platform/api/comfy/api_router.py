@@ -8,6 +8,7 @@ header before routing, so the key never reaches route names, metrics or trace at
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from typing import Annotated, Any
@@ -182,7 +183,7 @@ async def view(
     if found is None:
         return Response(status_code=404)
     data, name = found
-    body, media_type = convert_view(data, name, preview, channel)
+    body, media_type = await asyncio.to_thread(convert_view, data, name, preview, channel)  # Pillow
     return Response(body, media_type=media_type, headers={"Content-Disposition": f'filename="{name}"'})
 
 
