@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,6 +11,38 @@ import pytest
 from zimage_platform.config import PlatformConfig, load_config
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+class OutsideRepositoryRead(RuntimeError):
+    """A test read a file from beside the checkout (not an OSError, so nobody swallows it)."""
+
+
+def _forbidden_roots() -> tuple[str, ...]:
+    """The checkout's sibling ``shared`` folder (and where it links to): test data lives in
+    tests/fixtures, so a fresh clone with nothing beside it passes the same tests."""
+    sibling = REPO.parent / "shared"
+    return tuple(dict.fromkeys(os.path.join(p, "") for p in (str(sibling), os.path.realpath(sibling))))
+
+
+FORBIDDEN = _forbidden_roots()
+
+
+def _guard_outside_reads(event: str, args: tuple) -> None:
+    if event not in ("open", "os.listdir", "os.scandir") or not args:
+        return
+    path = args[0]
+    if isinstance(path, int) or path is None:
+        return
+    try:
+        name = os.path.abspath(os.fsdecode(path))
+    except (TypeError, ValueError):
+        return
+    if os.path.join(name, "").startswith(FORBIDDEN):
+        raise OutsideRepositoryRead(f"tests must not read {name}: copy test data into tests/fixtures/")
+
+
+# An audit hook cannot be removed: every test process refuses ../shared for its whole life.
+sys.addaudithook(_guard_outside_reads)
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from chart_support import REPO, crd_dir, documents, one, profile_values, render
+from chart_support import REPO, documents, kuberay_crd, one, profile_values, render
 
 from zimage_platform.config import PlatformConfig, PoolConfig
 
@@ -43,10 +43,7 @@ def _crd_schema_node(node: Any) -> Any:
 @cache
 def crd_validator(kind: str) -> jsonschema.Draft7Validator:
     """The KubeRay operator's own schema (served version v1) for ``kind``."""
-    path = crd_dir() / f"ray.io_{kind.lower()}s.yaml"
-    if not path.is_file():
-        pytest.fail(f"KubeRay CRD {path} not found (shared/kuberay-crds beside the checkout, or $KUBERAY_CRDS_DIR)")
-    crd = yaml.safe_load(path.read_text())
+    crd = kuberay_crd(kind)
     (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
     return jsonschema.Draft7Validator(_crd_schema_node(version["schema"]["openAPIV3Schema"]))
 
