@@ -52,11 +52,12 @@ def session_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def config(session_dir: Path) -> PlatformConfig:
-    """The platform config with data and engine builds under the session's temp folder."""
+    """The platform config with data and engine builds under the session's temp folder; the
+    variant specs are the packaged ones (no override folder, whatever the checkout's engines/ holds)."""
     return load_config(
         paths={
             "data_dir": str(session_dir / "var"),
-            "engines_dir": str(REPO / "engines"),
+            "engines_dir": str(session_dir / "no-overrides"),
             "engine_build_dir": str(session_dir / "engines-build"),
         },
     )

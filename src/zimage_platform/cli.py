@@ -115,6 +115,21 @@ def models_init_tiny(
     typer.echo(json.dumps({"checkpoint": str(path), "fingerprint": fingerprint(path)}))
 
 
+@models_app.command("list")
+@reports_errors
+def models_list() -> None:
+    """The variants this config serves (JSON lines): checkpoint, defaults, limits, and the spec file
+    each came from (packaged with the platform, an engines/<variant>.yaml override, or the config)."""
+    from zimage_platform.config import load_variant_specs, variant_spec_files
+
+    cfg = config()
+    files = variant_spec_files(cfg.paths.engines_dir)
+    from_files = load_variant_specs(cfg.paths.engines_dir)
+    for name, spec in sorted(cfg.variants.items()):
+        source = str(files[name]) if from_files.get(name) == spec else "config (variants:)"
+        typer.echo(json.dumps({**spec.model_dump(mode="json"), "source": source}))
+
+
 @models_app.command("check")
 @reports_errors
 def models_check(directory: Annotated[Path, typer.Argument(help="Checkpoint folder.")]) -> None:
@@ -131,7 +146,7 @@ def models_check(directory: Annotated[Path, typer.Argument(help="Checkpoint fold
 @engines_app.command("build")
 @reports_errors
 def engines_build(
-    variant: Annotated[str, typer.Option(help="Variant (engines/<variant>.yaml).")] = "turbo",
+    variant: Annotated[str, typer.Option(help="Variant (zimage-platform models list).")] = "turbo",
     backend: Annotated[str, typer.Option(help="onnxruntime or tensorrt.")] = "onnxruntime",
     bucket: Annotated[list[str] | None, typer.Option(help="Only these buckets (WxH); repeatable.")] = None,
     force: Annotated[bool, typer.Option(help="Rebuild even if an identical engine exists.")] = False,
@@ -363,6 +378,15 @@ def tenants_suspend(
 def tenants_resume(tenant_id: str, actor: Actor = "") -> None:
     _admin(actor or _default_actor()).resume(tenant_id)
     typer.echo(json.dumps({"tenant": tenant_id, "status": "active"}))
+
+
+@tenants_app.command("schema")
+@reports_errors
+def tenants_schema() -> None:
+    """The JSON Schema of tenant files (tenants/<id>.yaml), for editors and CI checks."""
+    from zimage_platform.defaults import tenant_schema
+
+    typer.echo(json.dumps(tenant_schema(), indent=2, sort_keys=True))
 
 
 @tenants_app.command("audit")

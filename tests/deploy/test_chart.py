@@ -69,13 +69,10 @@ def serve_config(docs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def rendered_platform(serve: dict[str, Any]) -> dict[str, Any]:
-    """The platform config of the rendered Serve app. The image's variant specs (/app/engines,
-    Dockerfile `COPY engines/*.yaml /app/engines/`) are this repository's engines/."""
+    """The platform config of the rendered Serve app (variant specs not given inline are the ones
+    packaged with the platform, as in the image)."""
     (app,) = serve["applications"]
-    config = copy.deepcopy(app["args"]["config"])
-    if config["paths"]["engines_dir"] == "/app/engines":
-        config["paths"]["engines_dir"] = str(REPO / "engines")
-    return config
+    return copy.deepcopy(app["args"]["config"])
 
 
 def platform_from(serve: dict[str, Any]) -> PlatformConfig:
@@ -416,3 +413,23 @@ def test_billing_audit_pushes_to_the_pushgateway_when_given(helm_bin):
     command = container.get("command", []) + container.get("args", [])
     assert command[-2:] == ["--pushgateway", "pushgateway:9091"]
     assert command[:3] == ["zimage-platform", "billing", "audit"]
+
+
+def test_a_tenant_policy_is_mounted_and_named_in_the_platform_config(helm_bin, tmp_path):
+    """Without ``tenantPolicy`` the pods run the policy packaged with the platform (no policy_file,
+    no mount); with it, every Ray pod (where the ingress may run) mounts it and the config names
+    that path."""
+    plain = render.helm(*render.template_args("h800-mig")).stdout
+    assert "policy_file" not in plain and "/etc/zimage/policy" not in plain
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("rules:\n  - id: brands\n    terms: [globex]\n")
+    docs = documents(
+        render.helm(*render.template_args("h800-mig", "--set-file", f"tenantPolicy.content={policy}")).stdout
+    )
+    path = "/etc/zimage/policy/policy.yaml"
+    assert one(docs, "ConfigMap")["data"]["policy.yaml"].strip() == policy.read_text().strip()
+    assert yaml.safe_load(one(docs, "ConfigMap")["data"]["platform.yaml"])["tenancy"]["policy_file"] == path
+    assert rendered_platform(serve_config(docs))["tenancy"]["policy_file"] == path
+    for where, spec in pod_specs(one(docs, "RayService")):
+        mounts = [m for c in spec["containers"] for m in c.get("volumeMounts", []) if m["mountPath"] == path]
+        assert mounts and all(m["subPath"] == "policy.yaml" for m in mounts), where

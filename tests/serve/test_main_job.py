@@ -19,8 +19,6 @@ import yaml
 from zimage_platform.serve.launcher import RAY_ENV
 from zimage_platform.storage.seaweedfs import free_ports
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 def free_port() -> int:
     return free_ports(1)[0]
@@ -37,7 +35,7 @@ def test_serve_prints_how_to_use_it_generates_bills_and_stops_cleanly(config, tm
     settings = {
         "paths": {
             "data_dir": str(data),
-            "engines_dir": str(REPO / "engines"),
+            "engines_dir": str(tmp_path / "engines"),
             "engine_build_dir": str(config.paths.engine_build_dir),
         },
         "telemetry": {"metrics_port": free_port()},

@@ -149,8 +149,12 @@ class EmbeddedPlatform:
     def start(self, log: Callable[[str], None] = print) -> PlatformConfig:
         from zimage_platform.serve.components import job_store
         from zimage_platform.storage import SeaweedFS
+        from zimage_platform.tenancy.policy import load_policy_spec
 
         config = self.config
+        # Refused before anything starts: the content policy the replicas will load (a policy file
+        # that is named but missing stops here with its reason, not in a replica's log).
+        load_policy_spec(config.tenancy.policy_file)
         config.paths.data_dir.mkdir(parents=True, exist_ok=True)
         os.environ.update(RAY_ENV)
         if config.storage.embedded and not config.storage.endpoint_url:
