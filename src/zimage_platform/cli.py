@@ -10,7 +10,8 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import wraps
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -52,10 +53,23 @@ def _quiet_libraries() -> None:
 
 def config() -> PlatformConfig:
     if "config" not in _state:
-        from zimage_platform.serve.launcher import attach_embedded_s3
-
-        _state["config"] = attach_embedded_s3(load_config(_state.get("config_path")))
+        _state["config"] = load_config(_state.get("config_path"))
     return _state["config"]
+
+
+@contextmanager
+def results_config(command: str) -> Iterator[PlatformConfig]:
+    """The config for a command that reads or writes results in S3. On the embedded default it
+    reaches the embedded S3: the running ``serve``'s, else one started for this command alone
+    (same data folder and credentials) and stopped after it."""
+    from zimage_platform.storage.embedded import embedded_s3
+
+    with embedded_s3(config(), owner=command) as s3:
+        if s3 is None:
+            yield config()
+            return
+        os.environ.update(s3.environ())
+        yield s3.apply(config())
 
 
 def fail(exc: PlatformError) -> None:
@@ -494,15 +508,11 @@ def billing_audit(
     from zimage_platform.serve.components import job_store, result_store
     from zimage_platform.telemetry.metrics import push_audit_outcome
 
-    cfg = config()
-    findings = audit(
-        job_store(cfg, migrate=True).engine,
-        result_store(cfg),
-        tenant_id=tenant,
-        start=_parse_day(start, "from"),
-        end=_parse_day(end, "to"),
-        deep=deep,
-    )
+    first, last = _parse_day(start, "from"), _parse_day(end, "to")
+    with results_config("billing audit") as cfg:
+        findings = audit(
+            job_store(cfg, migrate=True).engine, result_store(cfg), tenant_id=tenant, start=first, end=last, deep=deep
+        )
     for finding in findings:
         typer.echo(json.dumps(finding.to_dict()))
     summary = {kind: sum(1 for f in findings if f.kind == kind) for kind in sorted({f.kind for f in findings})}
@@ -543,9 +553,11 @@ def billing_statement(
     from zimage_platform.billing.report import write_statement
     from zimage_platform.serve.components import job_store, result_store
 
-    cfg = config()
     _parse_day(f"{month}-01", "month")
-    csv_key, html_key, amount = write_statement(job_store(cfg, migrate=True).engine, result_store(cfg), tenant, month)
+    with results_config("billing statement") as cfg:
+        csv_key, html_key, amount = write_statement(
+            job_store(cfg, migrate=True).engine, result_store(cfg), tenant, month
+        )
     typer.echo(json.dumps({"tenant": tenant, "month": month, "csv": csv_key, "html": html_key, "total": str(amount)}))
 
 
