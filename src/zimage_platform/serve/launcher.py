@@ -53,18 +53,31 @@ def demo_key(config: PlatformConfig) -> str:
     return secret_file(key_file, lambda: issued.raw)
 
 
-def prepare_engines(config: PlatformConfig) -> None:
-    """Tiny checkpoint and compiled engines, built once (later starts reuse them)."""
-    from zimage_platform.engines import build_engine, get_backend
+def prepare_engines(config: PlatformConfig, log: Callable[[str], None] = print) -> None:
+    """Tiny checkpoint and compiled engines, built once (later starts reuse them): a progress bar
+    on the terminal, and whatever torch / ONNX export print goes to :func:`build_log`."""
+    from zimage_platform.console import BuildProgress, build_log, library_output_to
 
-    if get_backend(config.engine.backend).compiled:
-        for variant in config.variants:
-            build_engine(config, variant, config.engine.backend)
-    else:
-        from zimage_platform.pipeline.tiny import init_tiny_checkpoint
+    backend = config.engine.backend
+    tiny = any(spec.checkpoint == "tiny" for spec in config.variants.values())
+    started = time.monotonic()
+    try:
+        with library_output_to(build_log(config)) as terminal:
+            from zimage_platform.engines import build_engine, get_backend
+            from zimage_platform.pipeline.tiny import init_tiny_checkpoint
 
-        if any(spec.checkpoint == "tiny" for spec in config.variants.values()):
-            init_tiny_checkpoint(config.paths.tiny_checkpoint)
+            variants = list(config.variants) if get_backend(backend).compiled else []
+            with BuildProgress(terminal, int(tiny) + len(variants)) as progress:
+                if tiny:
+                    progress.step("tiny checkpoint")
+                    init_tiny_checkpoint(config.paths.tiny_checkpoint)
+                for variant in variants:
+                    progress.step(f"{backend} engine: {variant}")
+                    build_engine(config, variant, backend)
+    except BaseException:
+        log(f"preparing engines failed; the libraries' output is in {build_log(config)}")
+        raise
+    log(f"engines ready ({backend}: {', '.join(config.variants)}) in {time.monotonic() - started:.0f} s")
 
 
 def init_local_ray(num_cpus: int | None, env: dict[str, str], *, metrics_port: int | None = None) -> None:
@@ -133,7 +146,7 @@ class EmbeddedPlatform:
                 }
             )
         log(f"preparing engines ({config.engine.backend}) ...")
-        prepare_engines(config)
+        prepare_engines(config, log)
         job_store(config, migrate=True)
         self.demo_key = demo_key(config)
         self.config = config
