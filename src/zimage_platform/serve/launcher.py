@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import threading
@@ -19,6 +20,7 @@ import httpx
 import yaml
 
 from zimage_platform.config import PlatformConfig
+from zimage_platform.console import BuildProgress, build_log, library_output_to
 from zimage_platform.storage.embedded import SERVE, embedded_s3, is_embedded, secret_file
 
 RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
@@ -56,8 +58,6 @@ def demo_key(config: PlatformConfig) -> str:
 def prepare_engines(config: PlatformConfig, log: Callable[[str], None] = print) -> None:
     """Tiny checkpoint and compiled engines, built once (later starts reuse them): a progress bar
     on the terminal, and whatever torch / ONNX export print goes to :func:`build_log`."""
-    from zimage_platform.console import BuildProgress, build_log, library_output_to
-
     backend = config.engine.backend
     tiny = any(spec.checkpoint == "tiny" for spec in config.variants.values())
     started = time.monotonic()
@@ -159,6 +159,10 @@ class EmbeddedPlatform:
         from zimage_platform.serve.builder import build_app
         from zimage_platform.storage.seaweedfs import free_ports
 
+        if logging.getLogger().getEffectiveLevel() > logging.INFO:  # not --verbose
+            # Serve's own INFO lines (its namespace, "connecting to existing app") are not for people.
+            logging.getLogger("ray.serve").setLevel(logging.WARNING)
+
         config = self.config
         metrics_port = config.telemetry.metrics_port or free_ports(1)[0]
         self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
@@ -173,10 +177,13 @@ class EmbeddedPlatform:
 
         try:
             if ray.is_initialized():
-                try:
-                    serve.shutdown()
-                finally:
-                    ray.shutdown()
+                # What Ray prints while it tears down (controller tasks retried, actors killed)
+                # goes to a log, not the console.
+                with library_output_to(self.config.paths.data_dir / "logs" / "shutdown.log"):
+                    try:
+                        serve.shutdown()
+                    finally:
+                        ray.shutdown()
         finally:
             self._owned.close()
 
