@@ -23,7 +23,6 @@ import statistics
 import sys
 import time
 import uuid
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -31,6 +30,7 @@ import typer
 from bench.common import (
     BENCH_LIMITS,
     BENCH_TENANT,
+    REPO,
     BenchCluster,
     ConfigPath,
     JsonOut,
@@ -47,9 +47,8 @@ from bench.common import (
     write_json,
 )
 
-REFERENCE = (
-    Path(__file__).resolve().parents[2] / "shared" / "comfyui-reference" / "bench_roundtrip_emptyimage_saveimage.json"
-)
+#: The real ComfyUI's recorded round trip (the recordings the tests compare shapes with).
+REFERENCE = REPO / "tests" / "fixtures" / "comfyui-reference" / "bench_roundtrip_emptyimage_saveimage.json"
 APPS = {"platform": None, "nowait": {"default": 0.0}}
 
 

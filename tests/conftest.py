@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,38 @@ from zimage_platform.config import PlatformConfig, load_config
 REPO = Path(__file__).resolve().parents[1]
 
 
+class OutsideRepositoryRead(RuntimeError):
+    """A test read a file from beside the checkout (not an OSError, so nobody swallows it)."""
+
+
+def _forbidden_roots() -> tuple[str, ...]:
+    """The checkout's sibling ``shared`` folder (and where it links to): test data lives in
+    tests/fixtures, so a fresh clone with nothing beside it passes the same tests."""
+    sibling = REPO.parent / "shared"
+    return tuple(dict.fromkeys(os.path.join(p, "") for p in (str(sibling), os.path.realpath(sibling))))
+
+
+FORBIDDEN = _forbidden_roots()
+
+
+def _guard_outside_reads(event: str, args: tuple) -> None:
+    if event not in ("open", "os.listdir", "os.scandir") or not args:
+        return
+    path = args[0]
+    if isinstance(path, int) or path is None:
+        return
+    try:
+        name = os.path.abspath(os.fsdecode(path))
+    except (TypeError, ValueError):
+        return
+    if os.path.join(name, "").startswith(FORBIDDEN):
+        raise OutsideRepositoryRead(f"tests must not read {name}: copy test data into tests/fixtures/")
+
+
+# An audit hook cannot be removed: every test process refuses ../shared for its whole life.
+sys.addaudithook(_guard_outside_reads)
+
+
 @pytest.fixture(scope="session")
 def session_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("zimage")
@@ -18,11 +52,12 @@ def session_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def config(session_dir: Path) -> PlatformConfig:
-    """The platform config with data and engine builds under the session's temp folder."""
+    """The platform config with data and engine builds under the session's temp folder; the
+    variant specs are the packaged ones (no override folder, whatever the checkout's engines/ holds)."""
     return load_config(
         paths={
             "data_dir": str(session_dir / "var"),
-            "engines_dir": str(REPO / "engines"),
+            "engines_dir": str(session_dir / "no-overrides"),
             "engine_build_dir": str(session_dir / "engines-build"),
         },
     )

@@ -8,8 +8,6 @@ import pytest
 
 from zimage_platform.config import load_config
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 def test_specs_load_from_the_engines_folder(config):
     assert set(config.variants) == {"turbo", "base", "edit"}
@@ -19,7 +17,7 @@ def test_specs_load_from_the_engines_folder(config):
 
 def test_environment_beats_the_file_and_overrides_beat_both(tmp_path: Path, monkeypatch):
     file = tmp_path / "platform.yaml"
-    file.write_text(f"paths:\n  engines_dir: {REPO / 'engines'}\nengine:\n  backend: torch\n  threads: 3\n")
+    file.write_text("engine:\n  backend: torch\n  threads: 3\n")
     assert load_config(file).engine.backend == "torch"
     monkeypatch.setenv("ZIMAGE_ENGINE__BACKEND", "tensorrt")
     cfg = load_config(file)

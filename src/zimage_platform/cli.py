@@ -10,7 +10,8 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import wraps
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -52,10 +53,23 @@ def _quiet_libraries() -> None:
 
 def config() -> PlatformConfig:
     if "config" not in _state:
-        from zimage_platform.serve.launcher import attach_embedded_s3
-
-        _state["config"] = attach_embedded_s3(load_config(_state.get("config_path")))
+        _state["config"] = load_config(_state.get("config_path"))
     return _state["config"]
+
+
+@contextmanager
+def results_config(command: str) -> Iterator[PlatformConfig]:
+    """The config for a command that reads or writes results in S3. On the embedded default it
+    reaches the embedded S3: the running ``serve``'s, else one started for this command alone
+    (same data folder and credentials) and stopped after it."""
+    from zimage_platform.storage.embedded import embedded_s3
+
+    with embedded_s3(config(), owner=command) as s3:
+        if s3 is None:
+            yield config()
+            return
+        os.environ.update(s3.environ())
+        yield s3.apply(config())
 
 
 def fail(exc: PlatformError) -> None:
@@ -115,6 +129,21 @@ def models_init_tiny(
     typer.echo(json.dumps({"checkpoint": str(path), "fingerprint": fingerprint(path)}))
 
 
+@models_app.command("list")
+@reports_errors
+def models_list() -> None:
+    """The variants this config serves (JSON lines): checkpoint, defaults, limits, and the spec file
+    each came from (packaged with the platform, an engines/<variant>.yaml override, or the config)."""
+    from zimage_platform.config import load_variant_specs, variant_spec_files
+
+    cfg = config()
+    files = variant_spec_files(cfg.paths.engines_dir)
+    from_files = load_variant_specs(cfg.paths.engines_dir)
+    for name, spec in sorted(cfg.variants.items()):
+        source = str(files[name]) if from_files.get(name) == spec else "config (variants:)"
+        typer.echo(json.dumps({**spec.model_dump(mode="json"), "source": source}))
+
+
 @models_app.command("check")
 @reports_errors
 def models_check(directory: Annotated[Path, typer.Argument(help="Checkpoint folder.")]) -> None:
@@ -131,7 +160,7 @@ def models_check(directory: Annotated[Path, typer.Argument(help="Checkpoint fold
 @engines_app.command("build")
 @reports_errors
 def engines_build(
-    variant: Annotated[str, typer.Option(help="Variant (engines/<variant>.yaml).")] = "turbo",
+    variant: Annotated[str, typer.Option(help="Variant (zimage-platform models list).")] = "turbo",
     backend: Annotated[str, typer.Option(help="onnxruntime or tensorrt.")] = "onnxruntime",
     bucket: Annotated[list[str] | None, typer.Option(help="Only these buckets (WxH); repeatable.")] = None,
     force: Annotated[bool, typer.Option(help="Rebuild even if an identical engine exists.")] = False,
@@ -365,6 +394,15 @@ def tenants_resume(tenant_id: str, actor: Actor = "") -> None:
     typer.echo(json.dumps({"tenant": tenant_id, "status": "active"}))
 
 
+@tenants_app.command("schema")
+@reports_errors
+def tenants_schema() -> None:
+    """The JSON Schema of tenant files (tenants/<id>.yaml), for editors and CI checks."""
+    from zimage_platform.defaults import tenant_schema
+
+    typer.echo(json.dumps(tenant_schema(), indent=2, sort_keys=True))
+
+
 @tenants_app.command("audit")
 @reports_errors
 def tenants_audit(
@@ -470,15 +508,11 @@ def billing_audit(
     from zimage_platform.serve.components import job_store, result_store
     from zimage_platform.telemetry.metrics import push_audit_outcome
 
-    cfg = config()
-    findings = audit(
-        job_store(cfg, migrate=True).engine,
-        result_store(cfg),
-        tenant_id=tenant,
-        start=_parse_day(start, "from"),
-        end=_parse_day(end, "to"),
-        deep=deep,
-    )
+    first, last = _parse_day(start, "from"), _parse_day(end, "to")
+    with results_config("billing audit") as cfg:
+        findings = audit(
+            job_store(cfg, migrate=True).engine, result_store(cfg), tenant_id=tenant, start=first, end=last, deep=deep
+        )
     for finding in findings:
         typer.echo(json.dumps(finding.to_dict()))
     summary = {kind: sum(1 for f in findings if f.kind == kind) for kind in sorted({f.kind for f in findings})}
@@ -519,9 +553,11 @@ def billing_statement(
     from zimage_platform.billing.report import write_statement
     from zimage_platform.serve.components import job_store, result_store
 
-    cfg = config()
     _parse_day(f"{month}-01", "month")
-    csv_key, html_key, amount = write_statement(job_store(cfg, migrate=True).engine, result_store(cfg), tenant, month)
+    with results_config("billing statement") as cfg:
+        csv_key, html_key, amount = write_statement(
+            job_store(cfg, migrate=True).engine, result_store(cfg), tenant, month
+        )
     typer.echo(json.dumps({"tenant": tenant, "month": month, "csv": csv_key, "html": html_key, "total": str(amount)}))
 
 

@@ -2,8 +2,10 @@
 
 Sources, strongest first: keyword arguments, environment (``ZIMAGE_`` prefix, ``__`` between
 nested keys, e.g. ``ZIMAGE_ENGINE__BACKEND=torch``), the YAML file, then the defaults below.
-Variant specs live as data in ``engines/<variant>.yaml`` (Triton-style: engines are versioned
-data, not code) and are loaded into :class:`VariantSpec` here so every caller sees one schema.
+Variant specs are data (Triton-style: engines are versioned data, not code): the package ships
+``turbo``, ``base`` and ``edit`` (:mod:`zimage_platform.defaults`), ``engines/<variant>.yaml``
+replaces or adds one, and all are loaded into :class:`VariantSpec` here so every caller sees one
+schema.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import re
 from collections.abc import Mapping
 from decimal import Decimal
 from functools import cached_property
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -152,7 +155,8 @@ class VariantSpec(_Strict):
 class PathsConfig(_Strict):
     #: Service data, caches and generated files (git-ignored).
     data_dir: Path = Path("var")
-    #: Where ``engines/<variant>.yaml`` specs live.
+    #: Variant specs overriding the packaged ones: ``<variant>.yaml`` replaces the packaged spec of
+    #: that name or adds a variant (no folder: the packaged specs alone).
     engines_dir: Path = Path("engines")
     #: Built engines (ONNX, TensorRT plans) with their manifests.
     engine_build_dir: Path = Path("engines/build")
@@ -357,8 +361,9 @@ class TenancyConfig(_Strict):
     redis_url: str | None = None
     #: Key prefix in Redis (several platforms or test runs can share one server).
     redis_prefix: str = "zimage"
-    #: The shared content policy (bilingual blocked terms); tenants add or disable rules.
-    policy_file: Path = Path("tenants/policy/default.yaml")
+    #: A content policy file replacing the one packaged with the platform (bilingual blocked
+    #: terms); unset: the packaged policy. Tenants add or disable rules in their own files.
+    policy_file: Path | None = None
 
 
 class PriceConfig(_Strict):
@@ -455,7 +460,7 @@ class PlatformConfig(BaseSettings):
     buckets: list[str] = Field(default_factory=lambda: list(DEFAULT_BUCKETS))
     engine: EngineConfig = EngineConfig()
     model_store: ModelStoreConfig = ModelStoreConfig()
-    #: Variant specs; filled from ``paths.engines_dir`` unless given inline.
+    #: Variant specs; unless given inline: the packaged ones with ``paths.engines_dir``'s overrides.
     variants: dict[str, VariantSpec] = Field(default_factory=dict)
     #: Engine pools (one engine deployment per variant × pool). The embedded default: one CPU pool.
     pools: dict[str, PoolConfig] = Field(
@@ -623,18 +628,27 @@ class PlatformConfig(BaseSettings):
         return counts
 
 
-def load_variant_specs(engines_dir: Path) -> dict[str, VariantSpec]:
-    """Read every ``<variant>.yaml`` in ``engines_dir`` (no folder: no variants)."""
+def variant_spec_files(engines_dir: Path | None) -> dict[str, Traversable]:
+    """``variant -> spec file``: the packaged specs, each ``<variant>.yaml`` in ``engines_dir``
+    replacing the packaged one of its name (or adding a variant). Works from any folder."""
+    from zimage_platform.defaults import variant_spec_files as packaged
+
+    files: dict[str, Traversable] = dict(packaged())
+    if engines_dir is not None and engines_dir.is_dir():
+        files.update({path.stem: path for path in sorted(engines_dir.glob("*.yaml"))})
+    return files
+
+
+def load_variant_specs(engines_dir: Path | None) -> dict[str, VariantSpec]:
+    """The variant specs of :func:`variant_spec_files`, validated."""
     specs: dict[str, VariantSpec] = {}
-    if not engines_dir.is_dir():
-        return specs
-    for path in sorted(engines_dir.glob("*.yaml")):
-        data = yaml.safe_load(path.read_text()) or {}
-        data.setdefault("name", path.stem)
+    for name, file in variant_spec_files(engines_dir).items():
+        data = yaml.safe_load(file.read_text()) or {}
+        data.setdefault("name", name)
         try:
-            specs[path.stem] = VariantSpec.model_validate(data)
+            specs[name] = VariantSpec.model_validate(data)
         except ValueError as exc:
-            raise ValueError(f"{path}: {exc}") from exc
+            raise ValueError(f"{file}: {exc}") from exc
     return specs
 
 

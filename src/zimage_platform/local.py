@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from zimage_platform.config import PlatformConfig
+from zimage_platform.console import build_log, library_output_to
 from zimage_platform.engines import PipelineEngine, build_engine, get_backend
 from zimage_platform.errors import EngineError, InvalidRequest
 from zimage_platform.pipeline.images import decode_image
@@ -37,8 +38,10 @@ def open_engine(
     except EngineError as exc:
         if exc.code not in _REBUILD or not get_backend(engine.backend).compiled:
             raise
-        print(f"building the {engine.backend} engine for {variant} ({exc.code})…", file=sys.stderr)
-        build_engine(config, variant, engine.backend, checkpoint=checkpoint)
+        log = build_log(config)
+        print(f"building the {engine.backend} engine for {variant} ({exc.code}; details: {log})…", file=sys.stderr)
+        with library_output_to(log):
+            build_engine(config, variant, engine.backend, checkpoint=checkpoint)
         engine.load()
     return engine
 

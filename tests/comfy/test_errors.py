@@ -13,7 +13,8 @@ import pytest
 
 from tenants import add_tenant
 
-REFERENCE = Path(__file__).resolve().parents[3] / "shared" / "comfyui-reference"
+#: Recordings of a real ComfyUI 0.3.64 server (provenance: the folder's PROVENANCE.md).
+REFERENCE = Path(__file__).resolve().parents[1] / "fixtures" / "comfyui-reference"
 
 
 def recorded(name: str, key: str | None = None) -> dict:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
 import importlib.util
-import os
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -27,9 +27,13 @@ def _load_render() -> ModuleType:
 render = _load_render()
 
 
-def crd_dir() -> Path:
-    """The KubeRay CRDs beside the checkout (shared/kuberay-crds, as CI has it), or $KUBERAY_CRDS_DIR."""
-    return Path(os.environ.get("KUBERAY_CRDS_DIR", REPO.parent / "shared" / "kuberay-crds"))
+#: The KubeRay operator's CRDs (gzipped; provenance and licence in the folder's PROVENANCE.md).
+KUBERAY_CRDS = REPO / "tests" / "fixtures" / "kuberay-crds"
+
+
+def kuberay_crd(kind: str) -> dict[str, Any]:
+    """The KubeRay CRD of ``kind`` (``RayService``, ``RayCluster``) as carried in tests/fixtures."""
+    return yaml.safe_load(gzip.decompress((KUBERAY_CRDS / f"ray.io_{kind.lower()}s.yaml.gz").read_bytes()))
 
 
 def documents(text: str) -> list[dict[str, Any]]:

@@ -11,7 +11,7 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from chart_support import REPO, crd_dir, documents, one, profile_values, render
+from chart_support import REPO, documents, kuberay_crd, one, profile_values, render
 
 from zimage_platform.config import PlatformConfig, PoolConfig
 
@@ -43,10 +43,7 @@ def _crd_schema_node(node: Any) -> Any:
 @cache
 def crd_validator(kind: str) -> jsonschema.Draft7Validator:
     """The KubeRay operator's own schema (served version v1) for ``kind``."""
-    path = crd_dir() / f"ray.io_{kind.lower()}s.yaml"
-    if not path.is_file():
-        pytest.fail(f"KubeRay CRD {path} not found (shared/kuberay-crds beside the checkout, or $KUBERAY_CRDS_DIR)")
-    crd = yaml.safe_load(path.read_text())
+    crd = kuberay_crd(kind)
     (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
     return jsonschema.Draft7Validator(_crd_schema_node(version["schema"]["openAPIV3Schema"]))
 
@@ -72,13 +69,10 @@ def serve_config(docs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def rendered_platform(serve: dict[str, Any]) -> dict[str, Any]:
-    """The platform config of the rendered Serve app. The image's variant specs (/app/engines,
-    Dockerfile `COPY engines/*.yaml /app/engines/`) are this repository's engines/."""
+    """The platform config of the rendered Serve app (variant specs not given inline are the ones
+    packaged with the platform, as in the image)."""
     (app,) = serve["applications"]
-    config = copy.deepcopy(app["args"]["config"])
-    if config["paths"]["engines_dir"] == "/app/engines":
-        config["paths"]["engines_dir"] = str(REPO / "engines")
-    return config
+    return copy.deepcopy(app["args"]["config"])
 
 
 def platform_from(serve: dict[str, Any]) -> PlatformConfig:
@@ -419,3 +413,23 @@ def test_billing_audit_pushes_to_the_pushgateway_when_given(helm_bin):
     command = container.get("command", []) + container.get("args", [])
     assert command[-2:] == ["--pushgateway", "pushgateway:9091"]
     assert command[:3] == ["zimage-platform", "billing", "audit"]
+
+
+def test_a_tenant_policy_is_mounted_and_named_in_the_platform_config(helm_bin, tmp_path):
+    """Without ``tenantPolicy`` the pods run the policy packaged with the platform (no policy_file,
+    no mount); with it, every Ray pod (where the ingress may run) mounts it and the config names
+    that path."""
+    plain = render.helm(*render.template_args("h800-mig")).stdout
+    assert "policy_file" not in plain and "/etc/zimage/policy" not in plain
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("rules:\n  - id: brands\n    terms: [globex]\n")
+    docs = documents(
+        render.helm(*render.template_args("h800-mig", "--set-file", f"tenantPolicy.content={policy}")).stdout
+    )
+    path = "/etc/zimage/policy/policy.yaml"
+    assert one(docs, "ConfigMap")["data"]["policy.yaml"].strip() == policy.read_text().strip()
+    assert yaml.safe_load(one(docs, "ConfigMap")["data"]["platform.yaml"])["tenancy"]["policy_file"] == path
+    assert rendered_platform(serve_config(docs))["tenancy"]["policy_file"] == path
+    for where, spec in pod_specs(one(docs, "RayService")):
+        mounts = [m for c in spec["containers"] for m in c.get("volumeMounts", []) if m["mountPath"] == path]
+        assert mounts and all(m["subPath"] == "policy.yaml" for m in mounts), where

@@ -1,5 +1,6 @@
-"""The README's main job, as a user runs it: ``zimage-platform serve`` in its own process starts
-the embedded S3, the database, Ray and the Serve app, prints its URL, demo key and metrics URL;
+"""The README's main job, as a user runs it: ``zimage-platform serve`` in its own process, from a
+folder outside the checkout, starts the embedded S3, the database, Ray and the Serve app, prints
+its URL, demo key and metrics URL (and no library warnings); every packaged variant is served;
 an image can be generated and billed; the CLI finds the bill and audits it against the running
 embedded S3; Ctrl-C stops everything it started."""
 
@@ -19,8 +20,6 @@ import yaml
 from zimage_platform.serve.launcher import RAY_ENV
 from zimage_platform.storage.seaweedfs import free_ports
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 def free_port() -> int:
     return free_ports(1)[0]
@@ -37,7 +36,7 @@ def test_serve_prints_how_to_use_it_generates_bills_and_stops_cleanly(config, tm
     settings = {
         "paths": {
             "data_dir": str(data),
-            "engines_dir": str(REPO / "engines"),
+            "engines_dir": str(tmp_path / "engines"),
             "engine_build_dir": str(config.paths.engine_build_dir),
         },
         "telemetry": {"metrics_port": free_port()},
@@ -51,6 +50,7 @@ def test_serve_prints_how_to_use_it_generates_bills_and_stops_cleanly(config, tm
         stderr=subprocess.STDOUT,
         text=True,
         env=env,
+        cwd=tmp_path,  # as after `pip install`: no engines/ or tenants/ folder here
         start_new_session=True,
     )
     printed: list[str] = []
@@ -66,6 +66,9 @@ def test_serve_prints_how_to_use_it_generates_bills_and_stops_cleanly(config, tm
         assert f"zimage-platform is ready at http://127.0.0.1:{port}" in text, text
         key = re.search(r"demo API key: (zk_\S+)", text).group(1)
         metrics_url = re.search(r"(http://127\.0\.0\.1:\d+/metrics)", text).group(1)
+        assert "warn" not in text.lower(), text
+        models = httpx.get(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": f"Bearer {key}"})
+        assert {m["variant"] for m in models.json()["data"]} == {"turbo", "base", "edit"}, models.text
 
         answer = httpx.post(
             f"http://127.0.0.1:{port}/v1/images/generations",

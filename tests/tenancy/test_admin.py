@@ -18,8 +18,6 @@ from zimage_platform.serve.components import job_store, tenant_registry
 from zimage_platform.tenancy import AuthError, TenantSuspended
 from zimage_platform.tenancy.audit import AuditEventRow, AuditLog
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture
 def cfg_file(tmp_path: Path, database_url: str) -> Path:
@@ -27,7 +25,7 @@ def cfg_file(tmp_path: Path, database_url: str) -> Path:
     path.write_text(
         yaml.safe_dump(
             {
-                "paths": {"data_dir": str(tmp_path / "var"), "engines_dir": str(REPO / "engines")},
+                "paths": {"data_dir": str(tmp_path / "var"), "engines_dir": str(tmp_path / "engines")},
                 "database": {"url": database_url},
                 "tenancy": {"dirs": [str(tmp_path / "tenants")], "reload_s": 0.001},
             }

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from zimage_platform.errors import InvalidRequest
 from zimage_platform.tenancy.policy import (
     ContentPolicy,
     PolicyRegistry,
@@ -16,8 +17,7 @@ from zimage_platform.tenancy.policy import (
     load_policy_spec,
 )
 
-REPO = Path(__file__).resolve().parents[2]
-DEFAULT = load_policy_spec(REPO / "tenants" / "policy" / "default.yaml")
+DEFAULT = load_policy_spec()  # the policy packaged with the platform
 
 
 @pytest.fixture(scope="module")
@@ -98,3 +98,16 @@ def test_thousands_of_terms_compile_and_match(policy):
 def test_the_default_policy_file_is_valid():
     assert {r.id for r in DEFAULT.rules} >= {"csam", "violence.explosives", "drugs.hard"}
     assert PolicySpec.model_validate({"rules": []}).rules == []
+
+
+def test_a_policy_file_replaces_the_packaged_one(tmp_path: Path):
+    own = tmp_path / "policy.yaml"
+    own.write_text("rules:\n  - id: brands\n    terms: [globex]\n")
+    assert [r.id for r in load_policy_spec(own).rules] == ["brands"]
+
+
+def test_a_named_policy_file_that_is_missing_is_refused(tmp_path: Path):
+    """Not an empty policy: running without the rules the operator meant would be silent."""
+    with pytest.raises(InvalidRequest) as err:
+        load_policy_spec(tmp_path / "nope.yaml")
+    assert err.value.code == "policy_file_missing" and err.value.param == "tenancy.policy_file"

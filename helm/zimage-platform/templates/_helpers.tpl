@@ -57,6 +57,21 @@ app.kubernetes.io/part-of: zimage-platform
 {{- end -}}
 {{- end -}}
 
+{{/* Where a tenantPolicy is mounted (from the ConfigMap). */}}
+{{- define "zimage.policyPath" -}}/etc/zimage/policy/policy.yaml{{- end -}}
+
+{{/* The platform config the pods run: .Values.platform, with tenancy.policy_file at the mounted
+     tenantPolicy when one is given (else the content policy packaged with the platform). */}}
+{{- define "zimage.platform" -}}
+{{- $platform := deepCopy .Values.platform -}}
+{{- if .Values.tenantPolicy.content -}}
+{{- $tenancy := $platform.tenancy | default dict -}}
+{{- $_ := set $tenancy "policy_file" (include "zimage.policyPath" .) -}}
+{{- $_ := set $platform "tenancy" $tenancy -}}
+{{- end -}}
+{{- toYaml $platform -}}
+{{- end -}}
+
 {{/* The Serve config KubeRay deploys (serveConfigV2): the one builder, the platform config inline. */}}
 {{- define "zimage.serveConfig" -}}
 {{- $serve := .Values.platform.serve -}}
@@ -70,7 +85,7 @@ applications:
     import_path: zimage_platform.serve.builder:app_builder
     args:
       config:
-        {{- toYaml .Values.platform | nindent 8 }}
+        {{- include "zimage.platform" . | nindent 8 }}
 {{- end -}}
 
 {{/* Environment of a platform container: (dict "root" $ "secrets" (list "s3" "databaseUrl" ...)); "all"
@@ -143,7 +158,7 @@ applications:
 - {name: config, mountPath: /etc/zimage/config, readOnly: true}
 - {name: tenants, mountPath: {{ first .Values.platform.tenancy.dirs }}, readOnly: true}
 {{- if .Values.tenantPolicy.content }}
-- {name: config, mountPath: {{ .Values.platform.tenancy.policy_file }}, subPath: policy.yaml, readOnly: true}
+- {name: config, mountPath: {{ include "zimage.policyPath" . }}, subPath: policy.yaml, readOnly: true}
 {{- end }}
 - {name: tmp, mountPath: /tmp}
 - {name: home, mountPath: /home/zimage}

@@ -31,7 +31,7 @@ def absolute_paths(config: PlatformConfig) -> PlatformConfig:
     tenancy = config.tenancy.model_copy(
         update={
             "dirs": [Path(d).resolve() for d in config.tenancy.dirs],
-            "policy_file": config.tenancy.policy_file.resolve(),
+            "policy_file": config.tenancy.policy_file and config.tenancy.policy_file.resolve(),
         }
     )
     return config.model_copy(update={"paths": paths, "tenancy": tenancy})

@@ -7,58 +7,24 @@ they are missing; deploys the Serve app; prints the URL and a demo API key.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
-import secrets
 import signal
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import httpx
 import yaml
 
 from zimage_platform.config import PlatformConfig
+from zimage_platform.console import BuildProgress, build_log, library_output_to
+from zimage_platform.storage.embedded import SERVE, embedded_s3, is_embedded, secret_file
 
 RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 DEMO_TENANT = "demo"
-
-
-def _secret_file(path: Path, make: Callable[[], str]) -> str:
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(make())
-    return path.read_text().strip()
-
-
-def embedded_s3_credentials(config: PlatformConfig) -> tuple[str, str]:
-    secrets_dir = config.paths.data_dir / "secrets"
-    access = _secret_file(secrets_dir / "s3-access-key", lambda: "zimage-" + secrets.token_hex(6))
-    secret = _secret_file(secrets_dir / "s3-secret-key", lambda: secrets.token_urlsafe(30))
-    return access, secret
-
-
-def _s3_state_file(config: PlatformConfig) -> Path:
-    return config.paths.data_dir / "run" / "embedded-s3.json"
-
-
-def attach_embedded_s3(config: PlatformConfig) -> PlatformConfig:
-    """Point a CLI command (billing audit, statements) at the embedded S3 of a running ``serve``.
-
-    Only for the embedded default (``storage.embedded`` and no endpoint configured): ``serve``
-    records its S3 endpoint while it runs; the credentials are its local secret files.
-    """
-    state = _s3_state_file(config)
-    if not config.storage.embedded or config.storage.endpoint_url or not state.is_file():
-        return config
-    access, secret = embedded_s3_credentials(config)
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", access)
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", secret)
-    endpoint = json.loads(state.read_text())["endpoint_url"]
-    return config.model_copy(update={"storage": config.storage.model_copy(update={"endpoint_url": endpoint})})
 
 
 def demo_key(config: PlatformConfig) -> str:
@@ -86,21 +52,32 @@ def demo_key(config: PlatformConfig) -> str:
         )
     )
     key_file.unlink(missing_ok=True)
-    return _secret_file(key_file, lambda: issued.raw)
+    return secret_file(key_file, lambda: issued.raw)
 
 
-def prepare_engines(config: PlatformConfig) -> None:
-    """Tiny checkpoint and compiled engines, built once (later starts reuse them)."""
-    from zimage_platform.engines import build_engine, get_backend
+def prepare_engines(config: PlatformConfig, log: Callable[[str], None] = print) -> None:
+    """Tiny checkpoint and compiled engines, built once (later starts reuse them): a progress bar
+    on the terminal, and whatever torch / ONNX export print goes to :func:`build_log`."""
+    backend = config.engine.backend
+    tiny = any(spec.checkpoint == "tiny" for spec in config.variants.values())
+    started = time.monotonic()
+    try:
+        with library_output_to(build_log(config)) as terminal:
+            from zimage_platform.engines import build_engine, get_backend
+            from zimage_platform.pipeline.tiny import init_tiny_checkpoint
 
-    if get_backend(config.engine.backend).compiled:
-        for variant in config.variants:
-            build_engine(config, variant, config.engine.backend)
-    else:
-        from zimage_platform.pipeline.tiny import init_tiny_checkpoint
-
-        if any(spec.checkpoint == "tiny" for spec in config.variants.values()):
-            init_tiny_checkpoint(config.paths.tiny_checkpoint)
+            variants = list(config.variants) if get_backend(backend).compiled else []
+            with BuildProgress(terminal, int(tiny) + len(variants)) as progress:
+                if tiny:
+                    progress.step("tiny checkpoint")
+                    init_tiny_checkpoint(config.paths.tiny_checkpoint)
+                for variant in variants:
+                    progress.step(f"{backend} engine: {variant}")
+                    build_engine(config, variant, backend)
+    except BaseException:
+        log(f"preparing engines failed; the libraries' output is in {build_log(config)}")
+        raise
+    log(f"engines ready ({backend}: {', '.join(config.variants)}) in {time.monotonic() - started:.0f} s")
 
 
 def init_local_ray(num_cpus: int | None, env: dict[str, str], *, metrics_port: int | None = None) -> None:
@@ -141,35 +118,35 @@ class EmbeddedPlatform:
     def __init__(self, config: PlatformConfig, *, ray_cpus: int | None = None) -> None:
         self.config = config
         self.ray_cpus = ray_cpus or max(os.cpu_count() or 2, 4)
-        self.s3 = None
+        #: What stops in reverse order after Ray: the embedded S3 (and its lock on the data folder).
+        self._owned = contextlib.ExitStack()
         self.demo_key = ""
         self.url = f"http://{config.serve.host}:{config.serve.port}"
         self.metrics_url = ""
 
     def start(self, log: Callable[[str], None] = print) -> PlatformConfig:
         from zimage_platform.serve.components import job_store
-        from zimage_platform.storage import SeaweedFS
+        from zimage_platform.tenancy.policy import load_policy_spec
 
         config = self.config
+        # Refused before anything starts: the content policy the replicas will load (a policy file
+        # that is named but missing stops here with its reason, not in a replica's log).
+        load_policy_spec(config.tenancy.policy_file)
         config.paths.data_dir.mkdir(parents=True, exist_ok=True)
         os.environ.update(RAY_ENV)
-        if config.storage.embedded and not config.storage.endpoint_url:
-            access, secret = embedded_s3_credentials(config)
+        if is_embedded(config):
             log("starting the embedded S3 (SeaweedFS) ...")
-            self.s3 = SeaweedFS(config.paths.data_dir / "s3", access_key=access, secret_key=secret)
-            self.s3.start(buckets=(config.storage.bucket,))
-            _s3_state_file(config).parent.mkdir(parents=True, exist_ok=True)
-            _s3_state_file(config).write_text(json.dumps({"endpoint_url": self.s3.endpoint_url}))
-            os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"] = access, secret
-            config = config.model_copy(
+            s3 = self._owned.enter_context(embedded_s3(config, owner=SERVE))
+            assert s3 is not None
+            os.environ.update(s3.environ())
+            config = s3.apply(config).model_copy(
                 update={
-                    "storage": config.storage.model_copy(update={"endpoint_url": self.s3.endpoint_url}),
                     "webhooks": config.webhooks.model_copy(update={"allow_private": True}),
                     "limits": config.limits.model_copy(update={"allow_private_urls": True}),
                 }
             )
         log(f"preparing engines ({config.engine.backend}) ...")
-        prepare_engines(config)
+        prepare_engines(config, log)
         job_store(config, migrate=True)
         self.demo_key = demo_key(config)
         self.config = config
@@ -181,6 +158,10 @@ class EmbeddedPlatform:
 
         from zimage_platform.serve.builder import build_app
         from zimage_platform.storage.seaweedfs import free_ports
+
+        if logging.getLogger().getEffectiveLevel() > logging.INFO:  # not --verbose
+            # Serve's own INFO lines (its namespace, "connecting to existing app") are not for people.
+            logging.getLogger("ray.serve").setLevel(logging.WARNING)
 
         config = self.config
         metrics_port = config.telemetry.metrics_port or free_ports(1)[0]
@@ -196,14 +177,15 @@ class EmbeddedPlatform:
 
         try:
             if ray.is_initialized():
-                try:
-                    serve.shutdown()
-                finally:
-                    ray.shutdown()
+                # What Ray prints while it tears down (controller tasks retried, actors killed)
+                # goes to a log, not the console.
+                with library_output_to(self.config.paths.data_dir / "logs" / "shutdown.log"):
+                    try:
+                        serve.shutdown()
+                    finally:
+                        ray.shutdown()
         finally:
-            if self.s3 is not None:
-                _s3_state_file(self.config).unlink(missing_ok=True)
-                self.s3.stop()
+            self._owned.close()
 
 
 def run_forever(config: PlatformConfig) -> None:

@@ -2,11 +2,13 @@
 
 It checks SigV4 signatures like AWS does, so presigned-URL and credential tests are real.
 Every port it opens is chosen free and bound to 127.0.0.1; ``stop()`` ends only the process
-this object started.
+this object started, and on Linux the server also ends when the process that started it dies
+(even by SIGKILL), so a killed ``zimage-platform serve`` leaves no ``weed`` behind.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
@@ -14,10 +16,34 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 READY_TIMEOUT_S = 60.0
+#: prctl(2): deliver a signal to this process when its parent dies.
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the child get SIGTERM when the thread that started it ends
+    (the kernel's parent-death signal; Linux only, ``None`` elsewhere).
+
+    Start the server from a thread that lives as long as it should (the main thread): the
+    signal follows the starting thread, not the whole process.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here: the child only calls it
+    parent = os.getpid()
+
+    def preexec() -> None:
+        if prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+        if os.getppid() != parent:  # the parent died before the signal was armed
+            os._exit(1)
+
+    return preexec
 
 
 def weed_binary() -> str:
@@ -92,7 +118,13 @@ class SeaweedFS:
         env = {**os.environ, "AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key}
         log = (self.data_dir / "weed.log").open("ab")
         self.process = subprocess.Popen(
-            args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.data_dir, start_new_session=True
+            args,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=self.data_dir,
+            start_new_session=True,
+            preexec_fn=die_with_parent(),
         )
         self._wait_ready(buckets)
         return self

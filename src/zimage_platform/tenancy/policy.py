@@ -29,7 +29,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from zimage_platform.errors import PlatformError
+from zimage_platform.errors import InvalidRequest, PlatformError
 
 #: Latin terms at least this long are matched in the compact view too.
 COMPACT_MIN_LATIN = 5
@@ -158,10 +158,23 @@ class ContentPolicy:
                 )
 
 
-def load_policy_spec(path: Path) -> PolicySpec:
-    if not path.is_file():
-        return PolicySpec()
-    return PolicySpec.model_validate(yaml.safe_load(path.read_text()) or {})
+def load_policy_spec(path: Path | None = None) -> PolicySpec:
+    """``path`` (``tenancy.policy_file``), else the policy packaged with the platform. A file that
+    is named but missing is refused: running without the policy it meant would be silent."""
+    from zimage_platform.defaults import policy_file
+
+    if path is None:
+        text = policy_file().read_text()
+    elif path.is_file():
+        text = path.read_text()
+    else:
+        raise InvalidRequest(
+            f"the content policy file {path} (tenancy.policy_file) does not exist; "
+            "leave tenancy.policy_file unset to use the policy packaged with the platform",
+            code="policy_file_missing",
+            param="tenancy.policy_file",
+        )
+    return PolicySpec.model_validate(yaml.safe_load(text) or {})
 
 
 class PolicyRegistry:

@@ -1,7 +1,7 @@
 """Wire shapes of ComfyUI's HTTP and WebSocket API (as recorded from ComfyUI 0.3.64).
 
 Bodies are built as plain dicts, key for key, because ComfyUI clients index into them; the
-recordings in ``shared/comfyui-reference`` are the reference for every shape here.
+recordings in ``tests/fixtures/comfyui-reference`` are the reference for every shape here.
 """
 
 from __future__ import annotations
