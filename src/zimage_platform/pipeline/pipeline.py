@@ -22,7 +22,7 @@ from typing import Protocol
 
 import torch
 from diffusers.pipelines.z_image.pipeline_z_image_img2img import retrieve_latents
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from zimage_platform.errors import InvalidRequest
 from zimage_platform.pipeline.prompt_cache import PromptEmbeddingCache
@@ -63,7 +63,106 @@ def _never_cancelled(_: str) -> bool:
     return False
 
 
-class ZImageBatchPipeline:
+class BatchPipeline:
+    """Requests → denoising loops: compatible requests share a batch, hires-fix runs two passes.
+
+    Subclasses run one loop (:meth:`run_batch`); the grouping, the two-pass hires-fix and the
+    batch checks are shared, so an engine that only stands in for the model (the benchmarks'
+    simulated engine) batches, cancels and reports exactly as the real one does.
+    """
+
+    # -- entry points -------------------------------------------------------------------
+
+    def generate(
+        self,
+        requests: Sequence[GenerationRequest],
+        on_progress: ProgressFn | None = None,
+        is_cancelled: CancelFn | None = None,
+    ) -> list[GenerationResult]:
+        """Any mix of requests: compatible ones share a batch; hires-fix runs its two passes."""
+        groups: dict[tuple, list[GenerationRequest]] = defaultdict(list)
+        for request in requests:
+            groups[(request.batch_key(), request.hires)].append(request)
+        results: dict[str, GenerationResult] = {}
+        for (_, hires), members in groups.items():
+            run = self._run_hires if hires is not None else self.run_batch
+            for result in run(members, on_progress, is_cancelled):
+                results[result.request_id] = result
+        return [results[r.request_id] for r in requests]
+
+    def run_batch(
+        self,
+        requests: Sequence[GenerationRequest],
+        on_progress: ProgressFn | None = None,
+        is_cancelled: CancelFn | None = None,
+        *,
+        pass_name: str = "generate",
+    ) -> list[GenerationResult]:
+        """One denoising loop over compatible requests; results in request order."""
+        raise NotImplementedError
+
+    # -- hires-fix ----------------------------------------------------------------------
+
+    def _run_hires(
+        self,
+        requests: Sequence[GenerationRequest],
+        on_progress: ProgressFn | None,
+        is_cancelled: CancelFn | None,
+    ) -> list[GenerationResult]:
+        """Draw at the low bucket, upscale (Lanczos), then img2img at the target bucket."""
+        hires = requests[0].hires
+        assert hires is not None
+        base = [replace(r, size=hires.base_size, hires=None) for r in requests]
+        first = self.run_batch(base, on_progress, is_cancelled, pass_name="base")
+        survivors = [(r, res) for r, res in zip(requests, first, strict=True) if not res.cancelled]
+        second: dict[str, GenerationResult] = {}
+        if survivors:
+            refine = [
+                replace(
+                    r,
+                    init_image=res.image.resize((r.size.width, r.size.height), Image.Resampling.LANCZOS),
+                    strength=hires.denoise,
+                    hires=None,
+                )
+                for r, res in survivors
+            ]
+            for res in self.run_batch(refine, on_progress, is_cancelled, pass_name="hires"):
+                second[res.request_id] = res
+        out = []
+        for request, base_result in zip(requests, first, strict=True):
+            final = second.get(request.request_id)
+            if final is None:
+                out.append(base_result)
+                continue
+            final.passes = base_result.passes + final.passes
+            out.append(final)
+        return out
+
+    # -- checks -------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_batch(requests: Sequence[GenerationRequest]) -> BatchKey:
+        if not requests:
+            raise ValueError("empty batch")
+        key = requests[0].batch_key()
+        for r in requests[1:]:
+            if r.batch_key() != key:
+                raise ValueError(f"request {r.request_id} is not batch-compatible: {r.batch_key()} != {key}")
+        if key.strength is not None and int(key.steps * key.strength) < 1:
+            raise InvalidRequest(
+                f"strength {key.strength} leaves no denoising step out of {key.steps}",
+                code="strength_too_low",
+                param="strength",
+            )
+        return key
+
+    @staticmethod
+    def first_step(steps: int, strength: float) -> int:
+        """Where img2img at ``strength`` enters a ``steps``-step schedule (as diffusers' img2img)."""
+        return int(max(steps - min(steps * strength, steps), 0))
+
+
+class ZImageBatchPipeline(BatchPipeline):
     def __init__(
         self,
         pipe,  # diffusers.ZImagePipeline: the loaded components
@@ -84,24 +183,7 @@ class ZImageBatchPipeline:
         self.png_compress_level = png_compress_level
         self.latent_channels = pipe.transformer.config.in_channels
 
-    # -- entry points -------------------------------------------------------------------
-
-    def generate(
-        self,
-        requests: Sequence[GenerationRequest],
-        on_progress: ProgressFn | None = None,
-        is_cancelled: CancelFn | None = None,
-    ) -> list[GenerationResult]:
-        """Any mix of requests: compatible ones share a batch; hires-fix runs its two passes."""
-        groups: dict[tuple, list[GenerationRequest]] = defaultdict(list)
-        for request in requests:
-            groups[(request.batch_key(), request.hires)].append(request)
-        results: dict[str, GenerationResult] = {}
-        for (_, hires), members in groups.items():
-            run = self._run_hires if hires is not None else self.run_batch
-            for result in run(members, on_progress, is_cancelled):
-                results[result.request_id] = result
-        return [results[r.request_id] for r in requests]
+    # -- the denoising loop ------------------------------------------------------------
 
     def run_batch(
         self,
@@ -216,9 +298,7 @@ class ZImageBatchPipeline:
 
     @staticmethod
     def _start_at_strength(scheduler, timesteps: torch.Tensor, strength: float) -> torch.Tensor:
-        steps = len(timesteps)
-        t_start = int(max(steps - min(steps * strength, steps), 0))
-        begin = t_start * scheduler.order
+        begin = ZImageBatchPipeline.first_step(len(timesteps), strength) * scheduler.order
         scheduler.set_begin_index(begin)
         return timesteps[begin:]
 
@@ -249,65 +329,15 @@ class ZImageBatchPipeline:
             images = self.decoder(latents / vae_config.scaling_factor + vae_config.shift_factor)
         return [Image.fromarray(image) for image in images.cpu().numpy()]
 
-    # -- hires-fix ----------------------------------------------------------------------
 
-    def _run_hires(
-        self,
-        requests: Sequence[GenerationRequest],
-        on_progress: ProgressFn | None,
-        is_cancelled: CancelFn | None,
-    ) -> list[GenerationResult]:
-        """Draw at the low bucket, upscale (Lanczos), then img2img at the target bucket."""
-        hires = requests[0].hires
-        assert hires is not None
-        base = [replace(r, size=hires.base_size, hires=None) for r in requests]
-        first = self.run_batch(base, on_progress, is_cancelled, pass_name="base")
-        survivors = [(r, res) for r, res in zip(requests, first, strict=True) if not res.cancelled]
-        second: dict[str, GenerationResult] = {}
-        if survivors:
-            refine = [
-                replace(
-                    r,
-                    init_image=res.image.resize((r.size.width, r.size.height), Image.Resampling.LANCZOS),
-                    strength=hires.denoise,
-                    hires=None,
-                )
-                for r, res in survivors
-            ]
-            for res in self.run_batch(refine, on_progress, is_cancelled, pass_name="hires"):
-                second[res.request_id] = res
-        out = []
-        for request, base_result in zip(requests, first, strict=True):
-            final = second.get(request.request_id)
-            if final is None:
-                out.append(base_result)
-                continue
-            final.passes = base_result.passes + final.passes
-            out.append(final)
-        return out
-
-    # -- checks -------------------------------------------------------------------------
-
-    @staticmethod
-    def _check_batch(requests: Sequence[GenerationRequest]) -> BatchKey:
-        if not requests:
-            raise ValueError("empty batch")
-        key = requests[0].batch_key()
-        for r in requests[1:]:
-            if r.batch_key() != key:
-                raise ValueError(f"request {r.request_id} is not batch-compatible: {r.batch_key()} != {key}")
-        if key.strength is not None and int(key.steps * key.strength) < 1:
-            raise InvalidRequest(
-                f"strength {key.strength} leaves no denoising step out of {key.steps}",
-                code="strength_too_low",
-                param="strength",
-            )
-        return key
-
-
-def encode_png(image: Image.Image, compress_level: int = 1) -> bytes:
+def encode_png(image: Image.Image, compress_level: int = 1, *, text: dict[str, str] | None = None) -> bytes:
     """PNG bytes. Level 1 is ~5x faster than PIL's default 6 for ~15% more bytes: CPU time on the
-    serving path is worth more than storage."""
+    serving path is worth more than storage. ``text``: tEXt chunks (key → value)."""
     buf = io.BytesIO()
-    image.save(buf, format="PNG", compress_level=compress_level)
+    info = None
+    if text:
+        info = PngImagePlugin.PngInfo()
+        for k, v in text.items():
+            info.add_text(k, v)
+    image.save(buf, format="PNG", compress_level=compress_level, pnginfo=info)
     return buf.getvalue()

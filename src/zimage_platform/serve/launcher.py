@@ -90,10 +90,14 @@ def demo_key(config: PlatformConfig) -> str:
 
 
 def prepare_engines(config: PlatformConfig) -> None:
-    """Tiny checkpoint and compiled engines, built once (later starts reuse them)."""
-    from zimage_platform.engines import build_engine, get_backend
+    """Tiny checkpoint and compiled engines, built once (later starts reuse them); nothing for the
+    benchmarks-only simulated engine, which loads no model."""
+    from zimage_platform.engines import build_engine, is_compiled
+    from zimage_platform.engines.engine import SIMULATED
 
-    if get_backend(config.engine.backend).compiled:
+    if config.engine.backend == SIMULATED:
+        return
+    if is_compiled(config.engine.backend):
         for variant in config.variants:
             build_engine(config, variant, config.engine.backend)
     else:
@@ -169,6 +173,11 @@ class EmbeddedPlatform:
                 }
             )
         log(f"preparing engines ({config.engine.backend}) ...")
+        if config.engine.backend == "simulated":
+            log(
+                "WARNING: engine.backend is simulated (benchmarks only): no model is loaded, every image is a "
+                f"placeholder and every batch sleeps the time of {config.engine.simulated.latency}"
+            )
         prepare_engines(config)
         job_store(config, migrate=True)
         self.demo_key = demo_key(config)
