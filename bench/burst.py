@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-import yaml
 
 from bench.common import (
     BENCH_LIMITS,
@@ -97,13 +96,15 @@ def platform_config(cluster: BenchCluster, threads: int) -> PlatformConfig:
     the simulated engine each pool emulates the MIG slice and precision of the GPU layout's pool
     of the same name (``deploy/config/h800-mig.yaml``: realtime 3g.40gb bf16, standard 2g.20gb
     fp8, bulk 1g.20gb fp8)."""
+    from zimage_platform.config import load_config
+
     config = cluster.platform_config("burst", "/")
-    gpu_pools = (yaml.safe_load(GPU_LAYOUT.read_text()) or {}).get("pools", {})
+    gpu = load_config(GPU_LAYOUT) if config.engine.backend == "simulated" else None
     pools = {}
     for name, pool in config.pools.items():
         update: dict[str, Any] = {"variants": [VARIANT]}
-        if config.engine.backend == "simulated" and name in gpu_pools:
-            update |= {"mig_profile": gpu_pools[name]["mig_profile"], "precision": gpu_pools[name].get("precision")}
+        if gpu is not None and name in gpu.pools:
+            update |= {"mig_profile": gpu.pools[name].mig_profile, "precision": gpu.precision_in(name, VARIANT)}
         pools[name] = pool.model_copy(update=update)
     return config.model_copy(update={"pools": pools, "engine": config.engine.model_copy(update={"threads": threads})})
 

@@ -486,8 +486,10 @@ class BenchCluster:
         self.s3 = SeaweedFS(self.root / "s3", access_key=access, secret_key=secret)
         self.s3.start(buckets=(self.base.storage.bucket,))
         # Replicas read S3 credentials from the environment, like boto3 anywhere else; they import
-        # benchmark code (bare apps) from this checkout.
-        env = {**RAY_ENV, "AWS_ACCESS_KEY_ID": access, "AWS_SECRET_ACCESS_KEY": secret, "PYTHONPATH": str(REPO)}
+        # the platform (src/) and benchmark code (bare apps) from this checkout: the source measured
+        # is the one run_meta records, whichever checkout the virtualenv was installed from.
+        pythonpath = os.pathsep.join([str(REPO / "src"), str(REPO)])
+        env = {**RAY_ENV, "AWS_ACCESS_KEY_ID": access, "AWS_SECRET_ACCESS_KEY": secret, "PYTHONPATH": pythonpath}
         os.environ.update(env)
         log("starting Ray and Serve's HTTP proxy …")
         init_local_ray(self.ray_cpus, env)
