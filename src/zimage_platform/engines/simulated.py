@@ -234,24 +234,24 @@ class SimulatedPipeline(BatchPipeline):
         alive = list(range(len(requests)))
         stages = self.latency.stages(work, len(alive))
         # Stage times and marks on the pipeline's clock (the wall clock unless a test gives one).
+        # Stages are contiguous, each starting where the last ended, so they add up to the batch's time.
         origin, origin_ns = self.clock(), time.time_ns()
+        mark = origin
 
-        def stage(name: str, start: float, **attributes: Any) -> None:
-            end = self.clock()
-            if name != "denoise":
-                setattr(timings, f"{name}_s", end - start)
-            timings.marks.append(
-                StageMark(
-                    name, origin_ns + int((start - origin) * 1e9), origin_ns + int((end - origin) * 1e9), attributes
-                )
-            )
+        def stage(name: str, end: float | None = None, **attributes: Any) -> None:
+            nonlocal mark
+            end = self.clock() if end is None else end
+            if name != "denoise":  # PassTimings sums its steps
+                setattr(timings, f"{name}_s", end - mark)
+            wall = (origin_ns + int((mark - origin) * 1e9), origin_ns + int((end - origin) * 1e9))
+            timings.marks.append(StageMark(name, *wall, attributes))
+            mark = end
 
-        deadline = start = origin
-        deadline += stages.text_encode
+        deadline = origin + stages.text_encode
         self._until(deadline)
-        stage("text_encode", start)
+        stage("text_encode")
 
-        denoise_start = self.clock()
+        boundary = mark
         for i in range(steps):
             keep = [j for j in alive if not is_cancelled(requests[j].request_id)]
             if len(keep) < len(alive):
@@ -259,30 +259,29 @@ class SimulatedPipeline(BatchPipeline):
                 if not alive:
                     break
                 stages = self.latency.stages(work, len(alive))
-            step_start = self.clock()
             deadline += stages.denoise / steps
             self._until(deadline)
-            timings.denoise_step_s.append(self.clock() - step_start)
             if on_progress is not None:
                 on_progress(StepEvent(tuple(requests[j].request_id for j in alive), i + 1, steps, pass_name))
-        stage("denoise", denoise_start, steps=len(timings.denoise_step_s))
+            now = self.clock()
+            timings.denoise_step_s.append(now - boundary)
+            boundary = now
+        stage("denoise", boundary, steps=len(timings.denoise_step_s))
 
         images: dict[int, Image.Image] = {}
         pngs: dict[int, bytes] = {}
         if alive:
-            start = self.clock()
             for j in alive:
                 r = requests[j]
                 images[j] = placeholder_image(r.prompt, r.seed, r.size.width, r.size.height)
             deadline += stages.decode
             self._until(deadline)
-            stage("decode", start)
-            start = self.clock()
+            stage("decode")
             for j in alive:
                 pngs[j] = encode_png(images[j], self.png_compress_level, text=PNG_TEXT)
             deadline += stages.png_encode
             self._until(deadline)
-            stage("png_encode", start)
+            stage("png_encode")
         return [
             GenerationResult(
                 request_id=r.request_id,
