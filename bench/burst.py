@@ -39,10 +39,13 @@ from bench.common import (
     REPO,
     VARIANT,
     BenchCluster,
+    EngineChoice,
     JsonOut,
     Render,
     Target,
     add_tenant,
+    engine_description,
+    engine_meta,
     fmt_num,
     generation_body,
     log,
@@ -52,6 +55,7 @@ from bench.common import (
     read_json,
     run_meta,
     wait_all_ready,
+    with_engine,
     write_json,
 )
 
@@ -61,6 +65,8 @@ if TYPE_CHECKING:
     from zimage_platform.config import PlatformConfig
 
 REALTIME, BULK, CALIBRATION = "rt-burst", "bulk-burst", "calibration"
+#: The GPU pool layout the simulated engine's pools emulate, pool by pool.
+GPU_LAYOUT = REPO / "deploy" / "config" / "h800-mig.yaml"
 P95_RATIO_TARGET = 1.5
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
@@ -86,9 +92,20 @@ class Phase:
 
 
 def platform_config(cluster: BenchCluster, threads: int) -> PlatformConfig:
-    """The cpu-pools layout serving turbo only, engines with ``threads`` intra-op threads each."""
+    """The cpu-pools layout serving turbo only, engines with ``threads`` intra-op threads each; on
+    the simulated engine each pool emulates the MIG slice and precision of the GPU layout's pool
+    of the same name (``deploy/config/h800-mig.yaml``: realtime 3g.40gb bf16, standard 2g.20gb
+    fp8, bulk 1g.20gb fp8)."""
+    from zimage_platform.config import load_config
+
     config = cluster.platform_config("burst", "/")
-    pools = {name: pool.model_copy(update={"variants": [VARIANT]}) for name, pool in config.pools.items()}
+    gpu = load_config(GPU_LAYOUT) if config.engine.backend == "simulated" else None
+    pools = {}
+    for name, pool in config.pools.items():
+        update: dict[str, Any] = {"variants": [VARIANT]}
+        if gpu is not None and name in gpu.pools:
+            update |= {"mig_profile": gpu.pools[name].mig_profile, "precision": gpu.precision_in(name, VARIANT)}
+        pools[name] = pool.model_copy(update=update)
     return config.model_copy(update={"pools": pools, "engine": config.engine.model_copy(update={"threads": threads})})
 
 
@@ -381,6 +398,7 @@ def markdown(meta: dict[str, Any], results: dict[str, Any]) -> str:
     lines = [
         f"`{meta['command']}` — {meta['date']}, {meta['machine']}",
         "",
+        *([f"Engine: {engine_description(meta['engine'])}.", ""] if "engine" in meta else []),
         table,
         "",
         *[t.line() for t in targets],
@@ -409,6 +427,7 @@ def main(
     threads: Annotated[int, typer.Option(min=1, help="Intra-op threads per engine replica.")] = 1,
     calibration_images: Annotated[int, typer.Option(min=8, help="Images in the capacity calibration.")] = 128,
     drain_timeout: Annotated[float, typer.Option(min=10, help="Seconds to wait for accepted jobs to finish.")] = 900,
+    engine: EngineChoice = "real",
     json_out: JsonOut = None,
     render: Render = None,
     config_path: Annotated[Path, typer.Option("--config", help="Platform config YAML (pool layout).")] = REPO
@@ -423,10 +442,12 @@ def main(
         return
     from zimage_platform.config import load_config
 
-    base = load_config(config_path)
+    # The simulated engine: each pool emulates its own slice (platform_config), not one for all.
+    base = with_engine(load_config(config_path), engine, slice_=None, precision=None)
     meta = run_meta(sys.argv[1:], size=size)
     with BenchCluster(base) as cluster:
         config = platform_config(cluster, threads)
+        meta["engine"] = engine_meta(config)
         keys = {
             REALTIME: add_tenant(config, REALTIME, priority_class="realtime", limits=BENCH_LIMITS),
             CALIBRATION: add_tenant(config, CALIBRATION, priority_class="bulk", limits=BENCH_LIMITS),

@@ -6,10 +6,12 @@ Kept free of heavy imports at module level: benchmarks spawn workers that re-imp
 
 from __future__ import annotations
 
+import asyncio
 import os
 import platform
 import resource
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -25,6 +27,7 @@ if TYPE_CHECKING:
     from ray.serve import Application
 
     from zimage_platform.config import PlatformConfig, VariantSpec
+    from zimage_platform.engines.simulated import SimulatedLatency
     from zimage_platform.storage import SeaweedFS
 
 MIB = 1024 * 1024
@@ -48,6 +51,14 @@ JsonOut = Annotated[
 ]
 ConfigPath = Annotated[Path | None, typer.Option("--config", help="Platform config YAML.")]
 Render = Annotated[Path | None, typer.Option(help="Print the tables of an earlier --json-out file; measures nothing.")]
+EngineChoice = Annotated[
+    str,
+    typer.Option(
+        "--engine",
+        help="`real`: the config's backend on the tiny checkpoint; `simulated`: the benchmarks-only simulated "
+        "engine (no model: each batch sleeps the GPU latency model's time, ops/latency/h800-mig.yaml).",
+    ),
+]
 
 
 def quiet_libraries() -> None:
@@ -324,12 +335,79 @@ def read_json(path: Path) -> Any:
 
 # -- the real platform on Ray Serve, started and stopped by a benchmark -------------------------
 
+ENGINES = ("real", "simulated")
+#: What ``--engine simulated`` emulates unless the config says otherwise: the compute model of an
+#: H800, one 3g.40gb MIG slice at bf16 (the realtime pool of deploy/config/h800-mig.yaml).
+SIMULATED_LATENCY = REPO / "ops" / "latency" / "h800-mig.yaml"
+SIMULATED_SLICE, SIMULATED_PRECISION = "3g.40gb", "bf16"
+
 #: Only the ``turbo`` variant is deployed: one engine deployment per app instead of three.
 VARIANT = "turbo"
 BENCH_TENANT = "bench"
 #: Far above any load a benchmark sends: measure the serving path, not the tenant's rate limits.
 BENCH_LIMITS = {"requests_per_minute": 1_000_000, "images_per_minute": 1_000_000, "concurrent_jobs": 10_000}
 PROMPT = "a lighthouse on a cliff above a stormy sea at night, watercolor"
+
+
+def with_engine(
+    config: PlatformConfig,
+    engine: str,
+    *,
+    slice_: str | None = SIMULATED_SLICE,
+    precision: str | None = SIMULATED_PRECISION,
+) -> PlatformConfig:
+    """``real``: the config as it is; ``simulated``: the simulated engine, acknowledged (this is a
+    benchmark), with the config's ``engine.simulated`` settings where it has them, else
+    ``slice_``/``precision`` (``None``: each pool's own) and the H800 compute model, by absolute
+    path (replicas may run elsewhere)."""
+    if engine not in ENGINES:
+        raise typer.BadParameter(f"{engine!r}: choose from {', '.join(ENGINES)}", param_hint="--engine")
+    if engine == "real":
+        return config
+    given = config.engine.simulated
+    explicit = config.engine.simulated.model_fields_set
+    latency = given.latency if "latency" in explicit else SIMULATED_LATENCY
+    settings = given.model_copy(
+        update={
+            "acknowledge_not_real": True,
+            "latency": latency.resolve(),
+            "slice": given.slice or slice_,
+            "precision": given.precision or precision,
+        }
+    )
+    engine_config = config.engine.model_copy(update={"backend": "simulated", "simulated": settings})
+    return config.model_copy(update={"engine": engine_config})
+
+
+def simulated_latency(config: PlatformConfig, pool: str | None = None) -> SimulatedLatency:
+    """The latency model one engine replica of ``pool`` (default: the first) sleeps: the figures a
+    simulated run is judged against. Built here first, so a bad setting fails before Ray starts."""
+    from zimage_platform.engines.simulated import SimulatedLatency
+
+    return SimulatedLatency(config, pool or next(iter(config.pools)), VARIANT)
+
+
+def engine_meta(config: PlatformConfig) -> dict[str, Any]:
+    """What a report records about the engine: its backend and, simulated, what each pool emulates."""
+    meta: dict[str, Any] = {"backend": config.engine.backend}
+    if config.engine.backend == "simulated":
+        meta["simulated_engine"] = {pool: simulated_latency(config, pool).describe() for pool in config.pools}
+    return meta
+
+
+def engine_description(meta: dict[str, Any]) -> str:
+    """The engine in a report's words; the simulated engine says so loudly."""
+    if meta.get("backend") != "simulated":
+        return f"{meta.get('backend')} backend, tiny checkpoint"
+    pools = meta.get("simulated_engine") or {}
+    emulated = ", ".join(
+        f"{pool}: {d['slice'] or 'measured'} {d['precision'] or ''}".strip() for pool, d in pools.items()
+    )
+    source = Path(next(iter(pools.values()))["latency"]).name if pools else "?"
+    return (
+        "**SIMULATED engine** (benchmarks only: no model, placeholder images; each batch sleeps the time of "
+        f"the latency model `{source}`; {emulated})"
+    )
 
 
 def free_port() -> int:
@@ -408,8 +486,10 @@ class BenchCluster:
         self.s3 = SeaweedFS(self.root / "s3", access_key=access, secret_key=secret)
         self.s3.start(buckets=(self.base.storage.bucket,))
         # Replicas read S3 credentials from the environment, like boto3 anywhere else; they import
-        # benchmark code (bare apps) from this checkout.
-        env = {**RAY_ENV, "AWS_ACCESS_KEY_ID": access, "AWS_SECRET_ACCESS_KEY": secret, "PYTHONPATH": str(REPO)}
+        # the platform (src/) and benchmark code (bare apps) from this checkout: the source measured
+        # is the one run_meta records, whichever checkout the virtualenv was installed from.
+        pythonpath = os.pathsep.join([str(REPO / "src"), str(REPO)])
+        env = {**RAY_ENV, "AWS_ACCESS_KEY_ID": access, "AWS_SECRET_ACCESS_KEY": secret, "PYTHONPATH": pythonpath}
         os.environ.update(env)
         log("starting Ray and Serve's HTTP proxy …")
         init_local_ray(self.ray_cpus, env)
@@ -454,14 +534,11 @@ class BenchCluster:
 
     def deploy_platform(self, config: PlatformConfig) -> str:
         """Engines built, DB migrated, ``build_app(config)`` deployed (not waited for); returns its URL."""
-        from zimage_platform.engines import build_engine, get_backend
-        from zimage_platform.pipeline.tiny import init_tiny_checkpoint
         from zimage_platform.serve.builder import build_app
         from zimage_platform.serve.components import job_store
+        from zimage_platform.serve.launcher import prepare_engines
 
-        init_tiny_checkpoint(config.paths.tiny_checkpoint)
-        if get_backend(config.engine.backend).compiled:
-            build_engine(config, VARIANT, config.engine.backend)
+        prepare_engines(config)  # tiny checkpoint, compiled engine (nothing for the simulated engine)
         job_store(config, migrate=True)
         return self.deploy(build_app(config), config.serve.app_name, config.serve.route_prefix)
 
@@ -578,6 +655,148 @@ def generation_body(tag: str, size: str, seed: int, response_format: str = "url"
         "steps": 8,
         "response_format": response_format,
     }
+
+
+# -- closed-loop load: N clients, each sends, waits for the answer, sends again -------------------
+
+#: A request slower than this is a failure, not a sample (the platform's own sync timeout is 300 s).
+REQUEST_TIMEOUT_S = 300.0
+
+
+@dataclass
+class Cell:
+    """One measured closed-loop run: one system (``label``) at one size and concurrency, in one round."""
+
+    label: str
+    size: str
+    clients: int
+    round: int
+    #: Epoch seconds where the measured window starts, and its length (shorter than asked when
+    #: the run's request bound ended it).
+    window_start: float
+    duration_s: float
+    #: CPU share other processes took during the run (warm-up, window and drain).
+    others: float
+    quiet_wait_s: float
+
+
+async def closed_loop(
+    url: str,
+    key: str,
+    *,
+    label: str,
+    size: str,
+    clients: int,
+    round_: int,
+    warmup_s: float,
+    duration_s: float,
+    response_format: str = "url",
+    max_requests: int | None = None,
+) -> tuple[float, float, list[HttpSample]]:
+    """``clients`` send-wait-send loops of ``POST <url>/v1/images/generations`` until the window
+    ends or ``max_requests`` were sent; ``(window start epoch, window seconds, samples)``.
+
+    A ``b64_json`` answer without an image counts as an error (status 502), whoever sent it.
+    """
+    import httpx
+
+    samples: list[HttpSample] = []
+    window_start = time.time() + warmup_s
+    window_end = window_start + duration_s
+    headers = {"Authorization": f"Bearer {key}"}
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    sent = 0
+
+    async def client(http: httpx.AsyncClient, index: int) -> None:
+        nonlocal sent, window_end
+        mine = 0
+        while time.time() < window_end:
+            if max_requests is not None and sent >= max_requests:
+                window_end = min(window_end, time.time())  # the bound ends the window here
+                break
+            sent += 1
+            tag = f"{label} round {round_} {size} x{clients} client {index} #{mine}"
+            body = generation_body(tag, size, seed=index * 100_000 + mine, response_format=response_format)
+            response, sent_at, latency = await timed_post(http, f"{url}/v1/images/generations", body, headers)
+            status = response.status_code if response is not None else 0
+            job_id = None
+            if status == 200 and response is not None:
+                answer = response.json()
+                job_id = answer.get("job_id")
+                if response_format == "b64_json" and not (answer.get("data") or [{}])[0].get("b64_json"):
+                    log(f"{label}: 200 without an image: {response.text[:200]}")
+                    status = 502
+            samples.append(HttpSample(label, size, round_, clients, sent_at, latency, status, job_id=job_id))
+            mine += 1
+
+    async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S, limits=limits) as http:
+        await asyncio.gather(*(client(http, i) for i in range(clients)))
+    return window_start, max(0.0, min(window_end, window_start + duration_s) - window_start), samples
+
+
+class ClosedLoopStats:
+    """Throughput and latency of closed-loop cells: images completed inside the measured windows
+    ÷ window time; latency percentiles and errors over the requests sent inside them."""
+
+    cells: list[Cell]
+    samples: list[HttpSample]
+
+    def cells_of(self, label: str, size: str, clients: int) -> list[Cell]:
+        return [c for c in self.cells if (c.label, c.size, c.clients) == (label, size, clients)]
+
+    def samples_of(self, cell: Cell) -> list[HttpSample]:
+        return [
+            s
+            for s in self.samples
+            if (s.label, s.size, s.clients, s.round) == (cell.label, cell.size, cell.clients, cell.round)
+        ]
+
+    def completed(self, label: str, size: str, clients: int) -> list[HttpSample]:
+        """Successful requests that finished inside a measured window (what throughput counts)."""
+        return [
+            s
+            for c in self.cells_of(label, size, clients)
+            for s in self.samples_of(c)
+            if s.status == 200 and c.window_start <= s.sent_at + s.latency_s <= c.window_start + c.duration_s
+        ]
+
+    def sent(self, label: str, size: str, clients: int) -> list[HttpSample]:
+        """Requests sent inside a measured window (what latency percentiles and errors use)."""
+        return [
+            s
+            for c in self.cells_of(label, size, clients)
+            for s in self.samples_of(c)
+            if c.window_start <= s.sent_at <= c.window_start + c.duration_s
+        ]
+
+    def throughput(self, label: str, size: str, clients: int) -> float | None:
+        """Images per second over all rounds' windows together."""
+        window = sum(c.duration_s for c in self.cells_of(label, size, clients))
+        return len(self.completed(label, size, clients)) / window if window else None
+
+    def round_throughputs(self, label: str, size: str, clients: int) -> list[float]:
+        """Images per second of each round's window (how much the rounds disagree)."""
+        return [
+            sum(
+                1
+                for s in self.samples_of(c)
+                if s.status == 200 and 0 <= s.sent_at + s.latency_s - c.window_start <= c.duration_s
+            )
+            / c.duration_s
+            for c in self.cells_of(label, size, clients)
+            if c.duration_s
+        ]
+
+    def latency(self, label: str, size: str, clients: int, q: float) -> float | None:
+        return percentile([s.latency_s for s in self.sent(label, size, clients) if s.status == 200], q)
+
+    def errors(self, label: str, size: str, clients: int) -> str:
+        sent = self.sent(label, size, clients)
+        return f"{sum(s.status != 200 for s in sent)}/{len(sent)}"
+
+    def others(self, label: str, size: str, clients: int) -> float | None:
+        cells = self.cells_of(label, size, clients)
+        return statistics.mean(c.others for c in cells) if cells else None
 
 
 def read_job_times(config: PlatformConfig, job_ids: list[str]) -> dict[str, JobTimes]:

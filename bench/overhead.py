@@ -44,6 +44,7 @@ from bench.common import (
     BenchCluster,
     ConfigPath,
     CpuSnapshot,
+    EngineChoice,
     HttpSample,
     JobTimes,
     JsonOut,
@@ -52,6 +53,8 @@ from bench.common import (
     Render,
     Target,
     add_tenant,
+    engine_description,
+    engine_meta,
     fmt_num,
     generation_body,
     log,
@@ -61,9 +64,11 @@ from bench.common import (
     read_job_times,
     read_json,
     run_meta,
+    simulated_latency,
     timed_post,
     wait_all_ready,
     wait_for_others_quiet,
+    with_engine,
     write_json,
 )
 
@@ -77,6 +82,8 @@ BARE, PLATFORM, NOWAIT = "bare", "platform", "nowait"
 TARGET_SIZE = "64x64"
 #: The platform may add at most this share of the bare app's p50 at TARGET_SIZE.
 TARGET_ADDED_PCT = 25.0
+#: On the simulated engine: the platform's 1-client p50 may exceed its engine time by at most this.
+SIMULATED_ADDED_MS = 15.0
 REQUEST_TIMEOUT_S = 120.0
 
 
@@ -102,7 +109,8 @@ TARGET_CONTENDER = PLATFORM
 
 
 def bare_app(config: PlatformConfig) -> Application:
-    """FastAPI ingress → handle → engine deployment with the platform's ``PipelineEngine``; PNG out.
+    """FastAPI ingress → handle → engine deployment with the platform's engine
+    (``create_engine``: the config's backend, or the simulated engine); PNG out.
 
     Built inside a function so that importing this module (every ``python -m bench`` run, and the
     engine benchmark's spawned workers) does not import Ray or FastAPI; Ray pickles the classes
@@ -125,11 +133,10 @@ def bare_app(config: PlatformConfig) -> Application:
     class BareEngine:
         async def __init__(self, config_data: dict[str, Any], variant: str, pool: str) -> None:
             from zimage_platform.config import PlatformConfig
-            from zimage_platform.engines import PipelineEngine
+            from zimage_platform.engines import create_engine
 
             self.config = PlatformConfig.model_validate(config_data)
-            precision = self.config.precision_in(pool, variant)
-            self.engine = PipelineEngine(self.config, variant, device="cpu", precision=precision)
+            self.engine = create_engine(self.config, variant, pool)
             await asyncio.to_thread(self.engine.load)
             await asyncio.to_thread(self.engine.warmup, [self.engine.spec.defaults.size])
 
@@ -456,6 +463,30 @@ class Report:
                         unit="%",
                     )
                 )
+        if self.meta.get("backend") == "simulated":
+            targets += self.simulated_targets()
+        return targets
+
+    def simulated_targets(self) -> list[Target]:
+        """On the simulated engine the engine's time is known and costs no CPU: the platform's
+        1-client p50 over its own ``engine.run`` p50 is all path (HTTP, scheduler, rows, S3)."""
+        targets = []
+        for size in self.meta["sizes"]:
+            wall, engine = (
+                self.latency(TARGET_CONTENDER, size, 50),
+                self.segment(TARGET_CONTENDER, size, dict(SEGMENTS)["C"]),
+            )
+            model_ms = self.meta["simulated"]["batch_ms"].get(size)
+            targets.append(
+                Target(
+                    f"{TARGET_CONTENDER} 1-client p50 − its engine.run p50 at {size} (simulated engine; "
+                    f"the model's batch of 1: {fmt_num(model_ms, '.0f')} ms)",
+                    None if wall is None or engine is None else (wall - engine) * 1000,
+                    SIMULATED_ADDED_MS if size == TARGET_SIZE else None,
+                    op="≤",
+                    unit=" ms",
+                )
+            )
         return targets
 
     @classmethod
@@ -533,7 +564,7 @@ class Report:
                 "",
                 f"{m['machine']}; Python {m['python']}; "
                 + ", ".join(f"{k} {v}" for k, v in m["versions"].items())
-                + f". Variant `{VARIANT}` only, {m['backend']} backend, tiny checkpoint, 8 steps, one client, "
+                + f". Variant `{VARIANT}` only, {engine_description(m)}, 8 steps, one client, "
                 f"sequential; {m['warmup']} warm-up requests per contender and size, then {m['rounds']} rounds of "
                 f"{m['block']} requests per contender and size, contenders rotated; percentiles over the clean "
                 f"blocks (other processes under {m['max_noise']:.0%} of the CPU; all blocks when none was). "
@@ -613,7 +644,7 @@ def run_benchmark(
         png = pngs.get(TARGET_SIZE) or next(iter(pngs.values()))
         hops = measure_hops(cluster, configs[PLATFORM], key, png, hop_count)
         meta = {
-            "backend": base.engine.backend,
+            **engine_meta(base),
             "max_wait_ms": next(iter(configs[PLATFORM].pools.values())).max_wait_ms,
             "quiet_wait_s": waited,
         }
@@ -629,6 +660,7 @@ def main(
     hop_count: Annotated[int, typer.Option(min=1, help="Direct timings of each DB/S3 call.")] = 50,
     max_noise: MaxNoise = 0.1,
     quiet_wait: QuietWait = 3.0,
+    engine: EngineChoice = "real",
     json_out: JsonOut = None,
     config_path: ConfigPath = None,
     render: Render = None,
@@ -639,9 +671,12 @@ def main(
         return
     from zimage_platform.config import load_config
 
-    base = load_config(config_path)
+    base = with_engine(load_config(config_path), engine)
     size_list = parse_sizes(base, sizes, param="--sizes")
     meta = run_meta(sys.argv[1:])
+    if base.engine.backend == "simulated":
+        latency = simulated_latency(base)
+        meta["simulated"] = {"batch_ms": {s: latency.batch_seconds(latency.key(s, 8), 1) * 1000 for s in size_list}}
     measured, samples, hops = run_benchmark(
         base,
         size_list,

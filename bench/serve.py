@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import statistics
 import sys
 import time
 from collections import Counter
@@ -35,10 +34,14 @@ import typer
 from bench.common import (
     BENCH_LIMITS,
     BENCH_TENANT,
+    REQUEST_TIMEOUT_S,
     VARIANT,
     BenchCluster,
+    Cell,
+    ClosedLoopStats,
     ConfigPath,
     CpuSnapshot,
+    EngineChoice,
     HttpSample,
     JsonOut,
     MaxNoise,
@@ -46,20 +49,24 @@ from bench.common import (
     Render,
     Target,
     add_tenant,
+    closed_loop,
+    engine_description,
+    engine_meta,
     fmt_num,
     generation_body,
     log,
     markdown_table,
     parse_ints,
     parse_sizes,
-    percentile,
     ratio,
     read_job_times,
     read_json,
     run_meta,
+    simulated_latency,
     timed_post,
     wait_all_ready,
     wait_for_others_quiet,
+    with_engine,
     write_json,
 )
 
@@ -71,106 +78,17 @@ CONFIGS = (MERGE, NOMERGE)
 #: Merging's throughput over max batch 1, at this size, at the highest concurrency measured.
 TARGET_SIZE = "64x64"
 MERGE_GAIN_TARGET = 1.8
-#: A request slower than this is a failure, not a sample (the platform's own sync timeout is 300 s).
-REQUEST_TIMEOUT_S = 300.0
+#: On the simulated engine: merging's gain ÷ the latency model's own batch gain, at least.
+SIMULATED_GAIN_SHARE = 0.9
 
 
 @dataclass
-class Cell:
-    """One measured run: a configuration at one size and concurrency, in one round."""
-
-    label: str
-    size: str
-    clients: int
-    round: int
-    #: Epoch seconds where the measured window starts, and its length.
-    window_start: float
-    duration_s: float
-    #: CPU share other processes took during the run (warm-up, window and drain).
-    others: float
-    quiet_wait_s: float
-
-
-async def closed_loop(
-    url: str, key: str, *, label: str, size: str, clients: int, round_: int, warmup_s: float, duration_s: float
-) -> tuple[float, list[HttpSample]]:
-    """Run ``clients`` send-wait-send loops until the window ends; ``(window start epoch, samples)``."""
-    import httpx
-
-    samples: list[HttpSample] = []
-    window_start = time.time() + warmup_s
-    window_end = window_start + duration_s
-    headers = {"Authorization": f"Bearer {key}"}
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-
-    async def client(http: httpx.AsyncClient, index: int) -> None:
-        sent = 0
-        while time.time() < window_end:
-            tag = f"{label} round {round_} {size} x{clients} client {index} #{sent}"
-            body = generation_body(tag, size, seed=index * 100_000 + sent)
-            response, sent_at, latency = await timed_post(http, f"{url}/v1/images/generations", body, headers)
-            status = response.status_code if response is not None else 0
-            job_id = response.json().get("job_id") if response is not None and status == 200 else None
-            samples.append(HttpSample(label, size, round_, clients, sent_at, latency, status, job_id=job_id))
-            sent += 1
-
-    async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S, limits=limits) as http:
-        await asyncio.gather(*(client(http, i) for i in range(clients)))
-    return window_start, samples
-
-
-@dataclass
-class Report:
+class Report(ClosedLoopStats):
     """One run's cells and samples; built the same way for a fresh run and a saved one (``--render``)."""
 
     meta: dict[str, Any]
     cells: list[Cell]
     samples: list[HttpSample]
-
-    def _cells(self, label: str, size: str, clients: int) -> list[Cell]:
-        return [c for c in self.cells if (c.label, c.size, c.clients) == (label, size, clients)]
-
-    def _samples(self, cell: Cell) -> list[HttpSample]:
-        return [
-            s
-            for s in self.samples
-            if (s.label, s.size, s.clients, s.round) == (cell.label, cell.size, cell.clients, cell.round)
-        ]
-
-    def completed(self, label: str, size: str, clients: int) -> list[HttpSample]:
-        """Successful requests that finished inside a measured window (what throughput counts)."""
-        return [
-            s
-            for c in self._cells(label, size, clients)
-            for s in self._samples(c)
-            if s.status == 200 and c.window_start <= s.sent_at + s.latency_s <= c.window_start + c.duration_s
-        ]
-
-    def sent(self, label: str, size: str, clients: int) -> list[HttpSample]:
-        """Requests sent inside a measured window (what latency percentiles and errors use)."""
-        return [
-            s
-            for c in self._cells(label, size, clients)
-            for s in self._samples(c)
-            if c.window_start <= s.sent_at <= c.window_start + c.duration_s
-        ]
-
-    def throughput(self, label: str, size: str, clients: int) -> float | None:
-        """Images per second over all rounds' windows together."""
-        window = sum(c.duration_s for c in self._cells(label, size, clients))
-        return len(self.completed(label, size, clients)) / window if window else None
-
-    def round_throughputs(self, label: str, size: str, clients: int) -> list[float]:
-        """Images per second of each round's window (how much the rounds disagree)."""
-        return [
-            sum(
-                1
-                for s in self._samples(c)
-                if s.status == 200 and 0 <= s.sent_at + s.latency_s - c.window_start <= c.duration_s
-            )
-            / c.duration_s
-            for c in self._cells(label, size, clients)
-        ]
 
     def engine_busy(self, label: str, size: str, clients: int) -> tuple[float | None, float | None]:
         """``(share of the windows the engine spent inside engine.run, engine ms per image)``.
@@ -179,13 +97,10 @@ class Report:
         completed in the windows is the engine's busy time (for batches that finished in them).
         """
         done = [s.job.engine_s for s in self.completed(label, size, clients) if s.job and s.job.engine_s is not None]
-        window = sum(c.duration_s for c in self._cells(label, size, clients))
+        window = sum(c.duration_s for c in self.cells_of(label, size, clients))
         if not done or not window:
             return None, None
         return sum(done) / window, sum(done) / len(done) * 1000
-
-    def latency(self, label: str, size: str, clients: int, q: float) -> float | None:
-        return percentile([s.latency_s for s in self.sent(label, size, clients) if s.status == 200], q)
 
     def batch_sizes(self, label: str, size: str, clients: int) -> Counter[int]:
         """Images per batch size, over the images of the requests sent in the windows."""
@@ -195,14 +110,12 @@ class Report:
             if s.job is not None and s.job.batch_size is not None
         )
 
-    def others(self, label: str, size: str, clients: int) -> float | None:
-        cells = self._cells(label, size, clients)
-        return statistics.mean(c.others for c in cells) if cells else None
-
     def gain(self, size: str, clients: int) -> float | None:
         return ratio(self.throughput(MERGE, size, clients), self.throughput(NOMERGE, size, clients))
 
     def targets(self) -> list[Target]:
+        if self.meta.get("backend") == "simulated":
+            return self.simulated_targets()
         saturation = max(self.meta["clients"])
         targets = [
             Target(
@@ -220,6 +133,26 @@ class Report:
                         None,
                     )
                 )
+        return targets
+
+    def simulated_targets(self) -> list[Target]:
+        """On the simulated engine the engine's own batch gain is known (the latency model's
+        ``batch_seconds(1)·B / batch_seconds(B)``): merging should deliver most of it."""
+        saturation = max(self.meta["clients"])
+        sim = self.meta["simulated"]
+        targets = []
+        for size in self.meta["sizes"]:
+            model_gain, batch = sim["model_gain"][size], sim["max_batch"][size]
+            measured = self.gain(size, saturation)
+            targets += [
+                Target(
+                    f"merging gain at {size}, {saturation} clients (saturation) ÷ the latency model's batch gain "
+                    f"({model_gain:.2f}× at batch {batch})",
+                    ratio(measured, model_gain),
+                    SIMULATED_GAIN_SHARE if size == TARGET_SIZE else None,
+                ),
+                Target(f"merging vs max batch 1 at {size}, {saturation} clients", measured, None),
+            ]
         return targets
 
     @classmethod
@@ -244,7 +177,6 @@ class Report:
                 for label in CONFIGS:
                     histogram = self.batch_sizes(label, size, n)
                     images = sum(histogram.values())
-                    sent = self.sent(label, size, n)
                     busy, engine_ms = self.engine_busy(label, size, n)
                     per_round = ", ".join(f"{t:.1f}" for t in self.round_throughputs(label, size, n))
                     rows.append(
@@ -258,7 +190,7 @@ class Report:
                             " ".join(f"{b}:{c}" for b, c in sorted(histogram.items())) or "n/a",
                             fmt_num(busy, ".0%"),
                             fmt_num(engine_ms, ".0f"),
-                            f"{sum(s.status != 200 for s in sent)}/{len(sent)}",
+                            self.errors(label, size, n),
                             fmt_num(self.others(label, size, n), ".0%"),
                         ]
                     )
@@ -275,7 +207,7 @@ class Report:
                 f"{m['load_average_before'][0]:.2f} before, {m['load_average_after'][0]:.2f} after.",
                 "",
                 f"Platform: `build_app` on Ray Serve, SeaweedFS S3, SQLite, variant `{VARIANT}` only, "
-                f"{m['backend']} backend, tiny checkpoint, 8 steps, one engine replica per app "
+                f"{engine_description(m)}, 8 steps, one engine replica per app "
                 f"(engine threads: {m['engine_threads'] or 'runtime default'}). "
                 + "; ".join(
                     f"`{label}`: max batch {c['max_batch']}, merge wait `pools.{c['pool']}.max_wait_ms` = "
@@ -308,6 +240,21 @@ class Report:
                     rows,
                 ),
                 "",
+                *(
+                    [
+                        "The simulated engine's latency model (what each batch sleeps): "
+                        + "; ".join(
+                            f"{size}: {sim['batch_ms'][size]['1']:.0f} ms for 1, "
+                            f"{sim['batch_ms'][size][str(sim['max_batch'][size])]:.0f} ms for "
+                            f"{sim['max_batch'][size]} (gain {sim['model_gain'][size]:.2f}×)"
+                            for size in sizes
+                        )
+                        + ".",
+                        "",
+                    ]
+                    if (sim := m.get("simulated"))
+                    else []
+                ),
                 "Throughput, merging ÷ max batch 1:",
                 "",
                 markdown_table(
@@ -359,6 +306,24 @@ def _config_meta(config: PlatformConfig, sizes: list[str]) -> dict[str, Any]:
     }
 
 
+def _simulated_meta(config: PlatformConfig, sizes: list[str]) -> dict[str, Any]:
+    """The latency model's figures for the ``merge`` configuration's batches: what to expect."""
+    from zimage_platform.pipeline.buckets import Resolution
+
+    latency = simulated_latency(config)
+    batches = {size: config.variant(VARIANT).batch.for_bucket(Resolution.parse(size)) for size in sizes}
+    keys = {size: latency.key(size, 8) for size in sizes}
+    return {
+        "model": latency.describe(),
+        "max_batch": batches,
+        "batch_ms": {
+            size: {str(n): latency.batch_seconds(keys[size], n) * 1000 for n in sorted({1, batches[size]})}
+            for size in sizes
+        },
+        "model_gain": {size: latency.batch_gain(keys[size], batches[size]) for size in sizes},
+    }
+
+
 def run_benchmark(
     base: PlatformConfig,
     sizes: list[str],
@@ -392,7 +357,7 @@ def run_benchmark(
                     quiet = wait_for_others_quiet(max_noise, quiet_wait)
                     waited += quiet
                     before = CpuSnapshot.take()
-                    window_start, got = asyncio.run(
+                    window_start, window_s, got = asyncio.run(
                         closed_loop(
                             urls[label],
                             key,
@@ -405,7 +370,7 @@ def run_benchmark(
                         )
                     )
                     others = before.others_share(CpuSnapshot.take())
-                    cells.append(Cell(label, size, n, round_, window_start, duration_s, others, quiet))
+                    cells.append(Cell(label, size, n, round_, window_start, window_s, others, quiet))
                     samples += got
                     done = sum(1 for s in got if s.status == 200)
                     log(f"round {round_ + 1}/{rounds} {label:8} {size:8} x{n:<3}: {done} images, others {others:.0%}")
@@ -416,7 +381,7 @@ def run_benchmark(
                 if s.label == label and s.job_id:
                     s.job = times.get(s.job_id)
         meta = {
-            "backend": base.engine.backend,
+            **engine_meta(base),
             "engine_threads": base.engine.threads,
             "configs": {label: _config_meta(config, sizes) for label, config in configs.items()},
             "ready_s": ready_s,
@@ -434,6 +399,7 @@ def main(
     warmup: Annotated[float, typer.Option(min=0, help="Unmeasured seconds before each window.")] = 3.0,
     max_noise: MaxNoise = 0.1,
     quiet_wait: QuietWait = 3.0,
+    engine: EngineChoice = "real",
     json_out: JsonOut = None,
     config_path: ConfigPath = None,
     render: Render = None,
@@ -444,10 +410,12 @@ def main(
         return
     from zimage_platform.config import load_config
 
-    base = load_config(config_path)
+    base = with_engine(load_config(config_path), engine)
     size_list = parse_sizes(base, sizes, param="--sizes")
     client_list = parse_ints(clients, param="--clients")
     meta = run_meta(sys.argv[1:])
+    if base.engine.backend == "simulated":
+        meta["simulated"] = _simulated_meta(base, size_list)
     measured, cells, samples = run_benchmark(
         base,
         size_list,

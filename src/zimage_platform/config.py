@@ -31,7 +31,8 @@ from pydantic_settings import (
 from zimage_platform.errors import InvalidRequest
 from zimage_platform.pipeline.buckets import SIZE_MULTIPLE, BucketSet, Resolution, SizeRule
 
-Backend = Literal["torch", "onnxruntime", "tensorrt"]
+#: ``simulated`` is for benchmarks only (``engine.simulated``): no model, placeholder images.
+Backend = Literal["torch", "onnxruntime", "tensorrt", "simulated"]
 Precision = Literal["fp32", "fp16", "bf16", "fp8"]
 #: pipeline.samplers.SAMPLERS and pipeline.schedules.SCHEDULES (tested to agree).
 Sampler = Literal["euler", "res_multistep", "dpmpp_2m", "unipc", "ddim"]
@@ -178,8 +179,30 @@ class ModelStoreConfig(_Strict):
     region: str = "us-east-1"
 
 
+class SimulatedEngineConfig(_Strict):
+    """The ``simulated`` engine, for benchmarks only: it loads no model; each batch sleeps the
+    time a GPU latency model gives (batch size, bucket, steps, MIG slice, precision) and returns
+    a placeholder PNG (a flat colour and a few blocks from the prompt, seed and size). It makes
+    GPU-timescale behaviour (merging gain, overhead vs engine time, burst isolation, autoscaling)
+    measurable on CPUs without the engines competing for the cores. Never a generation."""
+
+    #: Must be ``true`` for ``engine.backend: simulated``: its images are placeholders.
+    acknowledge_not_real: bool = False
+    #: The latency model (``zimage_platform.scheduling.simulation.latency.load_latency``): a
+    #: compute-model file (``kind: compute``), a measured table (``kind: measured``) or a
+    #: ``bench engine`` JSON. Relative to the engine replicas' working directory.
+    latency: Path = Path("ops/latency/h800-mig.yaml")
+    #: The slice every pool emulates: a MIG profile of the compute model (``3g.40gb``) or
+    #: ``gpu``; unset: each pool's ``mig_profile`` (``gpu`` for pools with ``num_gpus``).
+    slice: str | None = None
+    #: The precision emulated; unset: the pool's (``pools.<name>.precision``, else the variant's).
+    precision: Precision | None = None
+
+
 class EngineConfig(_Strict):
     backend: Backend = "onnxruntime"
+    #: Settings of ``backend: simulated`` (benchmarks only).
+    simulated: SimulatedEngineConfig = SimulatedEngineConfig()
     #: Intra-op threads for torch and ONNX Runtime (0 = the runtime's default).
     threads: int = Field(0, ge=0)
     #: Bytes of prompt embeddings kept in memory per engine replica.
@@ -191,6 +214,16 @@ class EngineConfig(_Strict):
     png_compress_level: int = Field(1, ge=0, le=9)
     #: Health checks run a 1-step canary generation at most this often (never a GPU tax per probe).
     canary_interval_s: float = Field(300.0, gt=0)
+
+    @model_validator(mode="after")
+    def _simulated_is_acknowledged(self) -> EngineConfig:
+        if self.backend == "simulated" and not self.simulated.acknowledge_not_real:
+            raise ValueError(
+                "engine.backend 'simulated' is for benchmarks only: it loads no model and returns "
+                "placeholder images; set engine.simulated.acknowledge_not_real: true to run it "
+                "(real backends: torch, onnxruntime, tensorrt)"
+            )
+        return self
 
 
 PriorityClass = Literal["realtime", "standard", "bulk"]

@@ -1,7 +1,8 @@
 """Engines: a variant's checkpoint loaded on a backend (torch, onnxruntime, tensorrt).
 
 Public surface: :class:`Engine` (the protocol serving calls), :class:`PipelineEngine` (its
-implementation), :func:`build_engine` / :func:`verify_engine`, and :data:`BACKENDS`.
+implementation), :func:`create_engine` (what a serving replica runs: a ``PipelineEngine``, or the
+benchmarks-only simulated engine), :func:`build_engine` / :func:`verify_engine`, and :data:`BACKENDS`.
 """
 
 from zimage_platform.engines.build import build_engine, verify_engine
@@ -10,8 +11,10 @@ from zimage_platform.engines.engine import (
     Engine,
     MemoryReport,
     PipelineEngine,
+    create_engine,
     engine_folder,
     get_backend,
+    is_compiled,
 )
 from zimage_platform.engines.manifest import EngineManifest, read_manifest
 
@@ -22,8 +25,10 @@ __all__ = [
     "MemoryReport",
     "PipelineEngine",
     "build_engine",
+    "create_engine",
     "engine_folder",
     "get_backend",
+    "is_compiled",
     "read_manifest",
     "verify_engine",
 ]

@@ -31,14 +31,14 @@ from zimage_platform.engines.onnxruntime_backend import OnnxRuntimeBackend
 from zimage_platform.engines.tensorrt_backend import TensorRTBackend
 from zimage_platform.engines.torch_backend import TorchBackend
 from zimage_platform.errors import BackendUnavailable, EngineError, InvalidRequest
-from zimage_platform.pipeline.buckets import Resolution
+from zimage_platform.pipeline.buckets import BucketSet, Resolution
 from zimage_platform.pipeline.checkpoint import (
     CheckpointInfo,
     inspect_checkpoint,
     load_pipeline,
     resolve_checkpoint,
 )
-from zimage_platform.pipeline.pipeline import ZImageBatchPipeline
+from zimage_platform.pipeline.pipeline import BatchPipeline, ZImageBatchPipeline
 from zimage_platform.pipeline.prompt_cache import PromptEmbeddingCache
 from zimage_platform.pipeline.types import CancelFn, GenerationRequest, GenerationResult, ProgressFn
 
@@ -71,13 +71,20 @@ class Backend(Protocol):
 
 
 class Engine(Protocol):
-    """What a serving replica needs from a loaded model."""
+    """What a serving replica needs from a loaded model (:class:`PipelineEngine`, or the
+    benchmarks' :class:`~zimage_platform.engines.simulated.SimulatedEngine`)."""
 
     variant: str
     backend: str
+    spec: VariantSpec
+    #: The sizes it serves: compiled buckets, and the variant's rule for the rest.
+    sizes: BucketSet
+    #: ``None`` until :meth:`load` has run (health checks read it).
+    pipeline: BatchPipeline | None
 
     def load(self) -> None: ...
-    def warmup(self) -> None: ...
+    def warmup(self, sizes: list[str] | None = None) -> None: ...
+    def canary(self) -> None: ...
     def max_batch(self, bucket: Resolution) -> int: ...
     def run(
         self,
@@ -102,13 +109,41 @@ class MemoryReport:
         return dict(self.__dict__)
 
 
+#: The benchmarks-only engine that sleeps a latency model's time instead of running a model
+#: (:mod:`zimage_platform.engines.simulated`): an engine, not a compute backend, so not in BACKENDS.
+SIMULATED = "simulated"
+
+
 def get_backend(name: str) -> Backend:
+    if name == SIMULATED:
+        raise InvalidRequest(
+            "the simulated engine has no compute backend (no model, nothing to build or run locally); "
+            "it serves benchmarks only, through create_engine",
+            code="simulated_backend",
+            param="backend",
+            choices=sorted(BACKENDS),
+        )
     try:
         return BACKENDS[name]
     except KeyError:
         raise InvalidRequest(
             f"unknown backend {name!r}", code="unknown_backend", param="backend", choices=sorted(BACKENDS)
         ) from None
+
+
+def is_compiled(backend: str) -> bool:
+    """Needs ``engines build`` before it can serve (the simulated engine needs nothing)."""
+    return backend != SIMULATED and get_backend(backend).compiled
+
+
+def create_engine(config: PlatformConfig, variant: str, pool: str, *, device: str = "cpu") -> Engine:
+    """The engine a serving replica of ``pool`` runs for ``variant``: the config's backend at the
+    pool's precision, or, with ``engine.backend: simulated``, the benchmarks-only simulated engine."""
+    if config.engine.backend == SIMULATED:
+        from zimage_platform.engines.simulated import SimulatedEngine
+
+        return SimulatedEngine(config, variant, pool)
+    return PipelineEngine(config, variant, device=device, precision=config.precision_in(pool, variant))
 
 
 def dtype_for(precision: str, device: torch.device) -> torch.dtype:
@@ -153,79 +188,24 @@ def engine_folder(config: PlatformConfig, variant: str, backend: str, precision:
     return config.paths.engine_build_dir / variant / f"{backend}-{precision or config.variant(variant).precision}"
 
 
-class PipelineEngine:
-    """A variant on a backend. ``load()`` is separate so replicas can report progress while loading."""
+class BatchEngine:
+    """What every engine shares: the variant's buckets and batch caps, checks on what it is
+    asked to run, one batch at a time, warm-up and canary. ``load()`` sets :attr:`pipeline`."""
 
-    def __init__(
-        self,
-        config: PlatformConfig,
-        variant: str,
-        backend: str | None = None,
-        *,
-        checkpoint: Path | None = None,
-        device: str = "cpu",
-        precision: str | None = None,
-    ) -> None:
+    def __init__(self, config: PlatformConfig, variant: str, backend: str) -> None:
         self.config = config
         self.variant = variant
         self.spec = config.variant(variant)
-        self.precision = precision or self.spec.precision
-        self.backend = backend or config.engine.backend
-        self._backend = get_backend(self.backend)
+        self.backend = backend
         self.sizes = config.buckets_for(variant)
         #: Compiled sizes (warmed up, a TensorRT profile each); other allowed sizes run dynamic.
         self.buckets = list(self.sizes)
-        self.device = torch.device(device)
-        self._checkpoint_override = checkpoint
-        self.checkpoint: CheckpointInfo | None = None
-        self.manifest: EngineManifest | None = None
-        self.pipeline: ZImageBatchPipeline | None = None
+        self.pipeline: BatchPipeline | None = None
         self._lock = threading.Lock()
         self.loaded_at: float | None = None
 
-    # -- lifecycle ----------------------------------------------------------------------
-
     def load(self) -> None:
-        reason = self._backend.unavailable_reason()
-        if reason:
-            raise BackendUnavailable(reason, code=f"{self.backend}_unavailable")
-        if self.config.engine.threads:
-            torch.set_num_threads(self.config.engine.threads)
-        self.checkpoint = inspect_checkpoint(self.checkpoint_path())
-        pipe = load_pipeline(self.checkpoint.path, dtype_for(self.precision, self.device))
-        pipe.to(self.device)
-        folder = engine_folder(self.config, self.variant, self.backend, self.precision)
-        if self._backend.compiled:
-            self.manifest = check_manifest(
-                folder,
-                read_manifest(folder),
-                checkpoint_fingerprint=self.checkpoint.fingerprint,
-                buckets=[str(b) for b in self.buckets],
-            )
-        denoiser, decoder = self._backend.load(pipe, folder, self.manifest, threads=self.config.engine.threads)
-        cache = PromptEmbeddingCache(self.config.engine.prompt_cache_bytes, self.checkpoint.text_encoder_fingerprint)
-        self.pipeline = ZImageBatchPipeline(
-            pipe,
-            denoiser,
-            decoder,
-            cache,
-            max_sequence_length=self.config.engine.max_sequence_length,
-            device=self.device,
-            png_compress_level=self.config.engine.png_compress_level,
-        )
-        self.loaded_at = time.time()
-
-    def checkpoint_path(self) -> Path:
-        if self._checkpoint_override is not None:
-            return self._checkpoint_override
-        paths, store = self.config.paths, self.config.model_store
-        return resolve_checkpoint(
-            self.spec.checkpoint,
-            tiny_dir=paths.tiny_checkpoint,
-            s3_cache_dir=paths.checkpoint_cache,
-            endpoint_url=store.endpoint_url,
-            region=store.region,
-        )
+        raise NotImplementedError
 
     def warmup(self, sizes: list[str] | None = None) -> None:
         """One single-step generation per bucket (or per ``sizes``): first-call allocations and
@@ -270,6 +250,73 @@ class PipelineEngine:
         # One batch at a time per engine: a second caller waits instead of oversubscribing cores.
         with self._lock:
             return self.pipeline.generate(requests, on_progress, is_cancelled, encode=encode)
+
+
+class PipelineEngine(BatchEngine):
+    """A variant on a backend. ``load()`` is separate so replicas can report progress while loading."""
+
+    def __init__(
+        self,
+        config: PlatformConfig,
+        variant: str,
+        backend: str | None = None,
+        *,
+        checkpoint: Path | None = None,
+        device: str = "cpu",
+        precision: str | None = None,
+    ) -> None:
+        super().__init__(config, variant, backend or config.engine.backend)
+        self.precision = precision or self.spec.precision
+        self._backend = get_backend(self.backend)
+        self.device = torch.device(device)
+        self._checkpoint_override = checkpoint
+        self.checkpoint: CheckpointInfo | None = None
+        self.manifest: EngineManifest | None = None
+        self.pipeline: ZImageBatchPipeline | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def load(self) -> None:
+        reason = self._backend.unavailable_reason()
+        if reason:
+            raise BackendUnavailable(reason, code=f"{self.backend}_unavailable")
+        if self.config.engine.threads:
+            torch.set_num_threads(self.config.engine.threads)
+        self.checkpoint = inspect_checkpoint(self.checkpoint_path())
+        pipe = load_pipeline(self.checkpoint.path, dtype_for(self.precision, self.device))
+        pipe.to(self.device)
+        folder = engine_folder(self.config, self.variant, self.backend, self.precision)
+        if self._backend.compiled:
+            self.manifest = check_manifest(
+                folder,
+                read_manifest(folder),
+                checkpoint_fingerprint=self.checkpoint.fingerprint,
+                buckets=[str(b) for b in self.buckets],
+            )
+        denoiser, decoder = self._backend.load(pipe, folder, self.manifest, threads=self.config.engine.threads)
+        cache = PromptEmbeddingCache(self.config.engine.prompt_cache_bytes, self.checkpoint.text_encoder_fingerprint)
+        self.pipeline = ZImageBatchPipeline(
+            pipe,
+            denoiser,
+            decoder,
+            cache,
+            max_sequence_length=self.config.engine.max_sequence_length,
+            device=self.device,
+            png_compress_level=self.config.engine.png_compress_level,
+        )
+        self.loaded_at = time.time()
+
+    def checkpoint_path(self) -> Path:
+        if self._checkpoint_override is not None:
+            return self._checkpoint_override
+        paths, store = self.config.paths, self.config.model_store
+        return resolve_checkpoint(
+            self.spec.checkpoint,
+            tiny_dir=paths.tiny_checkpoint,
+            s3_cache_dir=paths.checkpoint_cache,
+            endpoint_url=store.endpoint_url,
+            region=store.region,
+        )
 
     def memory(self) -> MemoryReport:
         usage = resource.getrusage(resource.RUSAGE_SELF)

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from zimage_platform.engines.engine import engine_folder, get_backend
+from zimage_platform.engines.engine import engine_folder, is_compiled
 from zimage_platform.engines.folders import link_or_copy, staged_folder
 from zimage_platform.engines.manifest import MANIFEST_NAME, EngineManifest, check_manifest, read_manifest, sha256_file
 from zimage_platform.errors import EngineError, InvalidRequest
@@ -34,7 +34,7 @@ Target = tuple[str, str, str]
 def engine_targets(config: PlatformConfig, pools: Iterable[str] | None = None) -> list[Target]:
     """Every compiled engine ``pools`` (default: all) serve, once each; none for the torch backend."""
     backend = config.engine.backend
-    if not get_backend(backend).compiled:
+    if not is_compiled(backend):
         return []
     targets: list[Target] = []
     for pool in pools or config.pools:

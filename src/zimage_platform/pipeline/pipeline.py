@@ -63,26 +63,13 @@ def _never_cancelled(_: str) -> bool:
     return False
 
 
-class ZImageBatchPipeline:
-    def __init__(
-        self,
-        pipe,  # diffusers.ZImagePipeline: the loaded components
-        denoiser: Denoiser,
-        decoder: LatentDecoder,
-        prompt_cache: PromptEmbeddingCache,
-        *,
-        max_sequence_length: int = 512,
-        device: torch.device | str = "cpu",
-        png_compress_level: int = 1,
-    ) -> None:
-        self.pipe = pipe
-        self.denoiser = denoiser
-        self.decoder = decoder
-        self.prompt_cache = prompt_cache
-        self.max_sequence_length = max_sequence_length
-        self.device = torch.device(device)
-        self.png_compress_level = png_compress_level
-        self.latent_channels = pipe.transformer.config.in_channels
+class BatchPipeline:
+    """Requests → denoising loops: compatible requests share a batch, hires-fix runs two passes.
+
+    Subclasses run one loop (:meth:`run_batch`); the grouping, the two-pass hires-fix and the
+    batch checks are shared, so an engine that only stands in for the model (the benchmarks'
+    simulated engine) batches, cancels and reports exactly as the real one does.
+    """
 
     # -- entry points -------------------------------------------------------------------
 
@@ -107,6 +94,104 @@ class ZImageBatchPipeline:
             for result in run(members, on_progress, is_cancelled, encode=encode):
                 results[result.request_id] = result
         return [results[r.request_id] for r in requests]
+
+    def run_batch(
+        self,
+        requests: Sequence[GenerationRequest],
+        on_progress: ProgressFn | None = None,
+        is_cancelled: CancelFn | None = None,
+        *,
+        pass_name: str = "generate",
+        encode: bool = True,
+    ) -> list[GenerationResult]:
+        """One denoising loop over compatible requests; results in request order."""
+        raise NotImplementedError
+
+    # -- hires-fix ----------------------------------------------------------------------
+
+    def _run_hires(
+        self,
+        requests: Sequence[GenerationRequest],
+        on_progress: ProgressFn | None,
+        is_cancelled: CancelFn | None,
+        *,
+        encode: bool = True,
+    ) -> list[GenerationResult]:
+        """Draw at the low bucket, upscale (Lanczos), then img2img at the target bucket."""
+        hires = requests[0].hires
+        assert hires is not None
+        base = [replace(r, size=hires.base_size, hires=None) for r in requests]
+        first = self.run_batch(base, on_progress, is_cancelled, pass_name="base", encode=False)
+        survivors = [(r, res) for r, res in zip(requests, first, strict=True) if not res.cancelled]
+        second: dict[str, GenerationResult] = {}
+        if survivors:
+            refine = [
+                replace(
+                    r,
+                    init_image=res.image.resize((r.size.width, r.size.height), Image.Resampling.LANCZOS),
+                    strength=hires.denoise,
+                    hires=None,
+                )
+                for r, res in survivors
+            ]
+            for res in self.run_batch(refine, on_progress, is_cancelled, pass_name="hires", encode=encode):
+                second[res.request_id] = res
+        out = []
+        for request, base_result in zip(requests, first, strict=True):
+            final = second.get(request.request_id)
+            if final is None:
+                out.append(base_result)
+                continue
+            final.passes = base_result.passes + final.passes
+            out.append(final)
+        return out
+
+    # -- checks -------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_batch(requests: Sequence[GenerationRequest]) -> BatchKey:
+        if not requests:
+            raise ValueError("empty batch")
+        key = requests[0].batch_key()
+        for r in requests[1:]:
+            if r.batch_key() != key:
+                raise ValueError(f"request {r.request_id} is not batch-compatible: {r.batch_key()} != {key}")
+        if key.strength is not None and int(key.steps * key.strength) < 1:
+            raise InvalidRequest(
+                f"strength {key.strength} leaves no denoising step out of {key.steps}",
+                code="strength_too_low",
+                param="strength",
+            )
+        return key
+
+    @staticmethod
+    def first_step(steps: int, strength: float) -> int:
+        """Where img2img at ``strength`` enters a ``steps``-step schedule (as diffusers' img2img)."""
+        return int(max(steps - min(steps * strength, steps), 0))
+
+
+class ZImageBatchPipeline(BatchPipeline):
+    def __init__(
+        self,
+        pipe,  # diffusers.ZImagePipeline: the loaded components
+        denoiser: Denoiser,
+        decoder: LatentDecoder,
+        prompt_cache: PromptEmbeddingCache,
+        *,
+        max_sequence_length: int = 512,
+        device: torch.device | str = "cpu",
+        png_compress_level: int = 1,
+    ) -> None:
+        self.pipe = pipe
+        self.denoiser = denoiser
+        self.decoder = decoder
+        self.prompt_cache = prompt_cache
+        self.max_sequence_length = max_sequence_length
+        self.device = torch.device(device)
+        self.png_compress_level = png_compress_level
+        self.latent_channels = pipe.transformer.config.in_channels
+
+    # -- the denoising loop ------------------------------------------------------------
 
     def run_batch(
         self,
@@ -226,9 +311,7 @@ class ZImageBatchPipeline:
 
     @staticmethod
     def _start_at_strength(scheduler, timesteps: torch.Tensor, strength: float) -> torch.Tensor:
-        steps = len(timesteps)
-        t_start = int(max(steps - min(steps * strength, steps), 0))
-        begin = t_start * scheduler.order
+        begin = ZImageBatchPipeline.first_step(len(timesteps), strength) * scheduler.order
         scheduler.set_begin_index(begin)
         return timesteps[begin:]
 
@@ -258,60 +341,3 @@ class ZImageBatchPipeline:
         with torch.inference_mode():
             images = self.decoder(latents / vae_config.scaling_factor + vae_config.shift_factor)
         return [Image.fromarray(image) for image in images.cpu().numpy()]
-
-    # -- hires-fix ----------------------------------------------------------------------
-
-    def _run_hires(
-        self,
-        requests: Sequence[GenerationRequest],
-        on_progress: ProgressFn | None,
-        is_cancelled: CancelFn | None,
-        *,
-        encode: bool = True,
-    ) -> list[GenerationResult]:
-        """Draw at the low bucket, upscale (Lanczos), then img2img at the target bucket."""
-        hires = requests[0].hires
-        assert hires is not None
-        base = [replace(r, size=hires.base_size, hires=None) for r in requests]
-        first = self.run_batch(base, on_progress, is_cancelled, pass_name="base", encode=False)
-        survivors = [(r, res) for r, res in zip(requests, first, strict=True) if not res.cancelled]
-        second: dict[str, GenerationResult] = {}
-        if survivors:
-            refine = [
-                replace(
-                    r,
-                    init_image=res.image.resize((r.size.width, r.size.height), Image.Resampling.LANCZOS),
-                    strength=hires.denoise,
-                    hires=None,
-                )
-                for r, res in survivors
-            ]
-            for res in self.run_batch(refine, on_progress, is_cancelled, pass_name="hires", encode=encode):
-                second[res.request_id] = res
-        out = []
-        for request, base_result in zip(requests, first, strict=True):
-            final = second.get(request.request_id)
-            if final is None:
-                out.append(base_result)
-                continue
-            final.passes = base_result.passes + final.passes
-            out.append(final)
-        return out
-
-    # -- checks -------------------------------------------------------------------------
-
-    @staticmethod
-    def _check_batch(requests: Sequence[GenerationRequest]) -> BatchKey:
-        if not requests:
-            raise ValueError("empty batch")
-        key = requests[0].batch_key()
-        for r in requests[1:]:
-            if r.batch_key() != key:
-                raise ValueError(f"request {r.request_id} is not batch-compatible: {r.batch_key()} != {key}")
-        if key.strength is not None and int(key.steps * key.strength) < 1:
-            raise InvalidRequest(
-                f"strength {key.strength} leaves no denoising step out of {key.steps}",
-                code="strength_too_low",
-                param="strength",
-            )
-        return key

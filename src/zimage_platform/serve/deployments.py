@@ -81,7 +81,7 @@ class Engine:
     """A variant on one pool's hardware: loads its engine, runs batches, keeps the scheduler informed."""
 
     async def __init__(self, config: dict[str, Any], variant: str, pool: str) -> None:
-        from zimage_platform.engines.engine import PipelineEngine
+        from zimage_platform.engines.engine import create_engine
         from zimage_platform.serve.runner import EngineRunner
 
         configure_metrics("ray")
@@ -92,7 +92,7 @@ class Engine:
         self.replica = context.replica_id.unique_id
         self.app_name = context.app_name
         device = "cuda" if self.config.pools[pool].num_gpus > 0 else "cpu"
-        engine = PipelineEngine(self.config, variant, device=device, precision=self.config.precision_in(pool, variant))
+        engine = create_engine(self.config, variant, pool, device=device)
         await asyncio.to_thread(engine.load)
         await asyncio.to_thread(engine.warmup, [engine.spec.defaults.size])
         self.runner = EngineRunner(

@@ -57,16 +57,21 @@ def demo_key(config: PlatformConfig) -> str:
 
 def prepare_engines(config: PlatformConfig, log: Callable[[str], None] = print) -> None:
     """Tiny checkpoint and compiled engines, built once (later starts reuse them): a progress bar
-    on the terminal, and whatever torch / ONNX export print goes to :func:`build_log`."""
+    on the terminal, and whatever torch / ONNX export print goes to :func:`build_log`. Nothing for
+    the benchmarks-only simulated engine, which loads no model."""
+    from zimage_platform.engines.engine import SIMULATED
+
     backend = config.engine.backend
+    if backend == SIMULATED:
+        return
     tiny = any(spec.checkpoint == "tiny" for spec in config.variants.values())
     started = time.monotonic()
     try:
         with library_output_to(build_log(config)) as terminal:
-            from zimage_platform.engines import build_engine, get_backend
+            from zimage_platform.engines import build_engine, is_compiled
             from zimage_platform.pipeline.tiny import init_tiny_checkpoint
 
-            variants = list(config.variants) if get_backend(backend).compiled else []
+            variants = list(config.variants) if is_compiled(backend) else []
             with BuildProgress(terminal, int(tiny) + len(variants)) as progress:
                 if tiny:
                     progress.step("tiny checkpoint")
@@ -146,6 +151,11 @@ class EmbeddedPlatform:
                 }
             )
         log(f"preparing engines ({config.engine.backend}) ...")
+        if config.engine.backend == "simulated":
+            log(
+                "WARNING: engine.backend is simulated (benchmarks only): no model is loaded, every image is a "
+                f"placeholder and every batch sleeps the time of {config.engine.simulated.latency}"
+            )
         prepare_engines(config, log)
         job_store(config, migrate=True)
         self.demo_key = demo_key(config)
