@@ -75,7 +75,14 @@ def test_user_files(acme, globex):
 
 @pytest.mark.parametrize(
     "name",
-    ["..%2Fglobex%2Fcomfy.settings.json", "%2Fetc%2Fpasswd", "workflows%2F..%2F..%2Fx", "a%5Cb.json", "a%00b", "%2E%2E"],
+    [
+        "..%2Fglobex%2Fcomfy.settings.json",
+        "%2Fetc%2Fpasswd",
+        "workflows%2F..%2F..%2Fx",
+        "a%5Cb.json",
+        "a%00b",
+        "%2E%2E",
+    ],
 )
 def test_paths_stay_inside_the_tenant(acme, name):
     refused = acme.post(f"/api/userdata/{name}", content=b"{}")

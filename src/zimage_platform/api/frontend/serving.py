@@ -133,6 +133,8 @@ def _filtered_index(root: str, name: str) -> bytes:
             t
             for t in category.get("templates", [])
             if any(str(m).startswith(TEMPLATE_MODELS) for m in t.get("models", []))
+            and t.get("openSource", True)  # partner-API templates run elsewhere
+            and "API" not in t.get("tags", [])
         ]
         if templates:
             kept.append({**category, "templates": templates})
