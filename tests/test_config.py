@@ -54,11 +54,39 @@ def test_inline_variants_replace_the_folder(tmp_path: Path):
         ({"variants": {"turbo": {"name": "turbo", "defaults": {"size": "32x32"}}}}, "not in the platform"),
         ({"variants": {"turbo": {"name": "other"}}}, "does not match"),
         ({"engine": {"no_such_key": 1}}, "no_such_key"),
+        ({"variants": {"turbo": {"name": "turbo", "limits": {"max_side": 4096}}}}, "max_side"),
+        ({"variants": {"turbo": {"name": "turbo", "limits": {"min_side": 72}}}}, "multiples of 16"),
+        ({"variants": {"turbo": {"name": "turbo", "defaults": {"scheduler": "ays"}}}}, "scheduler"),
+        ({"variants": {"turbo": {"name": "turbo", "comfy_files": {"loras": ["x.safetensors"]}}}}, "loras"),
+        (
+            {
+                "variants": {
+                    "turbo": {"name": "turbo", "comfy_files": {"diffusion_models": ["z.safetensors"]}},
+                    "base": {"name": "base", "comfy_files": {"diffusion_models": ["z.safetensors"]}},
+                }
+            },
+            "named by both",
+        ),
     ],
 )
 def test_invalid_config_is_refused_with_the_reason(overrides, message):
     with pytest.raises(ValueError, match=message):
         load_config(**overrides)
+
+
+def test_comfy_file_names_per_variant(config):
+    """engines/<variant>.yaml lists Comfy-Org's file names; text encoders and VAEs may be shared."""
+    turbo, base = config.variant("turbo").comfy_files, config.variant("base").comfy_files
+    assert "z_image_turbo_bf16.safetensors" in turbo["diffusion_models"]
+    assert "z_image_bf16.safetensors" in base["diffusion_models"]
+    assert turbo["vae"] == base["vae"] == ["ae.safetensors"]
+    shared = load_config(
+        variants={
+            "turbo": {"name": "turbo", "comfy_files": {"vae": ["ae.safetensors"]}},
+            "base": {"name": "base", "comfy_files": {"vae": ["ae.safetensors"]}},
+        }
+    )
+    assert shared.variant("base").comfy_files == {"vae": ["ae.safetensors"]}
 
 
 def test_unknown_variant_lists_the_valid_ones(config):

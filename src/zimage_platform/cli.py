@@ -534,13 +534,18 @@ def generate(
     prompt: Annotated[str, typer.Argument(help="What to draw (any language).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="A .png file for one image, a folder for several.")],
     variant: Annotated[str, typer.Option(help="turbo, base or edit.")] = "turbo",
-    size: Annotated[str | None, typer.Option(help="WIDTHxHEIGHT, one of the buckets.")] = None,
+    size: Annotated[
+        str | None, typer.Option(help="WIDTHxHEIGHT: a bucket, or any multiple of 16 within the variant's limits.")
+    ] = None,
     steps: Annotated[int | None, typer.Option()] = None,
     guidance: Annotated[float | None, typer.Option()] = None,
     negative: Annotated[str | None, typer.Option(help="Negative prompt (with guidance > 0).")] = None,
     seed: Annotated[int | None, typer.Option()] = None,
     n: Annotated[int, typer.Option("--n", help="Number of images (seeds seed, seed+1, ...).")] = 1,
-    sampler: Annotated[str | None, typer.Option(help="euler, dpmpp_2m or unipc.")] = None,
+    sampler: Annotated[str | None, typer.Option(help="euler, res_multistep, dpmpp_2m, unipc or ddim.")] = None,
+    scheduler: Annotated[
+        str | None, typer.Option(help="Sigma schedule by ComfyUI name: simple (default), karras, beta, normal ...")
+    ] = None,
     image: Annotated[Path | None, typer.Option(help="Input image for img2img / edit.")] = None,
     strength: Annotated[float | None, typer.Option(help="How much of the input image to redraw (0-1].")] = None,
     hires_from: Annotated[str | None, typer.Option(help="Hires-fix: draw at this bucket first, then refine.")] = None,
@@ -562,6 +567,7 @@ def generate(
         guidance=guidance,
         negative_prompt=negative,
         sampler=sampler,
+        scheduler=scheduler,
         image=load_input_image(image) if image is not None else None,
         strength=strength,
         hires_from=hires_from,

@@ -26,11 +26,17 @@ from pydantic_settings import (
 )
 
 from zimage_platform.errors import InvalidRequest
-from zimage_platform.pipeline.buckets import BucketSet, Resolution
+from zimage_platform.pipeline.buckets import SIZE_MULTIPLE, BucketSet, Resolution, SizeRule
 
 Backend = Literal["torch", "onnxruntime", "tensorrt"]
 Precision = Literal["fp32", "fp16", "bf16", "fp8"]
-Sampler = Literal["euler", "dpmpp_2m", "unipc"]
+#: pipeline.samplers.SAMPLERS and pipeline.schedules.SCHEDULES (tested to agree).
+Sampler = Literal["euler", "res_multistep", "dpmpp_2m", "unipc", "ddim"]
+Scheduler = Literal[
+    "simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta", "normal", "linear_quadratic", "kl_optimal"
+]
+#: ComfyUI's model folders a variant's files are listed under.
+ComfyFolder = Literal["checkpoints", "diffusion_models", "text_encoders", "vae"]
 
 #: The official 1024-base presets plus small CPU buckets.
 DEFAULT_BUCKETS: list[str] = [
@@ -65,6 +71,7 @@ class VariantDefaults(_Strict):
     guidance: float = Field(0.0, ge=0.0)
     shift: float = Field(3.0, gt=0.0)
     sampler: Sampler = "euler"
+    scheduler: Scheduler = "simple"
     negative_prompt: str = ""
     #: img2img / edit: how much of the input image is re-noised (1.0 = ignore the input).
     strength: float = Field(0.6, gt=0.0, le=1.0)
@@ -74,12 +81,25 @@ class VariantLimits(_Strict):
     min_steps: int = Field(1, ge=1)
     max_steps: int = Field(50, ge=1)
     max_guidance: float = Field(20.0, ge=0.0)
+    #: Sizes outside the buckets (dynamic shapes): sides multiples of 16 in [min_side, max_side],
+    #: at most max_pixels. 32..2048 is what the exported engines' dynamic axes cover.
+    min_side: int = Field(64, ge=32, le=2048)
+    max_side: int = Field(2048, ge=32, le=2048)
+    max_pixels: int = Field(2048 * 2048, ge=32 * 32)
 
     @model_validator(mode="after")
     def _ordered(self) -> VariantLimits:
         if self.min_steps > self.max_steps:
             raise ValueError("min_steps must not exceed max_steps")
+        if self.min_side > self.max_side:
+            raise ValueError("min_side must not exceed max_side")
+        if self.min_side % SIZE_MULTIPLE or self.max_side % SIZE_MULTIPLE:
+            raise ValueError(f"min_side and max_side must be multiples of {SIZE_MULTIPLE}")
         return self
+
+    @property
+    def size_rule(self) -> SizeRule:
+        return SizeRule(self.min_side, self.max_side, self.max_pixels)
 
 
 class BatchProfile(_Strict):
@@ -87,6 +107,8 @@ class BatchProfile(_Strict):
 
     max_batch: int = Field(4, ge=1)
     per_bucket: dict[str, int] = Field(default_factory=dict)
+    #: Requests per call at sizes outside the buckets (TensorRT's dynamic-shape profile).
+    dynamic_max_batch: int = Field(2, ge=1)
 
     def for_bucket(self, bucket: Resolution) -> int:
         return self.per_bucket.get(str(bucket), self.max_batch)
@@ -110,6 +132,13 @@ class VariantSpec(_Strict):
     #: Peak GPU memory per precision (GB), measured; pools check their slices fit (an engine
     #: manifest's measured peak, when one exists, wins over this declaration).
     memory_gb: dict[Precision, float] = Field(default_factory=dict)
+    #: More ComfyUI file names this variant answers to, per model folder (Comfy-Org's published
+    #: bf16/fp8/int8 files), beside ``z_image_<variant>[_text_encoder|_vae].safetensors``.
+    comfy_files: dict[ComfyFolder, list[str]] = Field(default_factory=dict)
+
+    def max_batch(self, size: Resolution, buckets: BucketSet) -> int:
+        """Requests per engine call at ``size``: its bucket's, or the dynamic-shape profile's."""
+        return self.batch.for_bucket(size) if buckets.is_bucket(size) else self.batch.dynamic_max_batch
 
     @model_validator(mode="after")
     def _defaults_within_limits(self) -> VariantSpec:
@@ -446,6 +475,17 @@ class PlatformConfig(BaseSettings):
             unknown = (set(spec.buckets) | {spec.defaults.size}) - set(self.buckets)
             if unknown:
                 raise ValueError(f"variant {name!r} names sizes not in the platform's buckets: {sorted(unknown)}")
+        owners: dict[str, str] = {}
+        for name, spec in self.variants.items():
+            for folder, files in spec.comfy_files.items():
+                if folder not in ("checkpoints", "diffusion_models"):
+                    continue  # text encoders and VAEs may be shared by variants
+                for file in files:
+                    if owners.setdefault(file, name) != name:
+                        raise ValueError(
+                            f"comfy_files: model file {file!r} is named by both {owners[file]!r} and {name!r} "
+                            "(a diffusion model or checkpoint file selects one variant)"
+                        )
         served = [c for pool in self.pools.values() for c in pool.classes]
         for pool_name, pool in self.pools.items():
             missing = set(pool.variants) - set(self.variants)
@@ -509,8 +549,9 @@ class PlatformConfig(BaseSettings):
             ) from None
 
     def buckets_for(self, variant: str) -> BucketSet:
+        """The variant's buckets and its rule for every other size."""
         spec = self.variant(variant)
-        return BucketSet(spec.buckets or self.buckets)
+        return BucketSet(spec.buckets or self.buckets, spec.limits.size_rule)
 
     @cached_property
     def all_buckets(self) -> BucketSet:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 
 import httpx
@@ -30,6 +31,29 @@ async def test_submit_poll_and_download(client: httpx.AsyncClient):
     assert image["timings"][0]["denoise_step_s"] and image["sha256"]
     png = httpx.get(image["url"]).content  # presigned S3 URL, straight from SeaweedFS
     assert png.startswith(b"\x89PNG")
+
+
+async def test_any_multiple_of_16_runs_at_its_own_size_with_64_bit_seeds(client: httpx.AsyncClient):
+    """A size outside the buckets runs as asked (never resized), batches with its own size only;
+    a seed above 2**63 is stored and reported exactly; a ComfyUI schedule name is a parameter."""
+    seed = 2**64 - 2
+    body = {"prompt": "a red fox", "size": "96x160", "steps": 2, "n": 2, "seed": seed, "scheduler": "karras"}
+    response = await client.post("/v1/jobs", json=body)
+    assert response.status_code == 202, response.text
+    job = await wait_done(client, response.json()["id"])
+    assert job["status"] == "succeeded" and [i["seed"] for i in job["images"]] == [seed, seed + 1]
+    assert job["params"]["size"] == "96x160" and job["params"]["scheduler"] == "karras"
+    assert "png_text" not in job["params"]
+    from PIL import Image
+
+    with Image.open(io.BytesIO(httpx.get(job["images"][0]["url"]).content)) as png:
+        assert png.size == (96, 160)
+    too_big = await client.post("/v1/jobs", json={**body, "seed": 2**64 - 1})  # seed + 1 would pass 2**64 - 1
+    assert too_big.status_code == 422 and too_big.json()["error"]["code"] == "seed_out_of_range"
+    bad = await client.post("/v1/jobs", json={"prompt": "x", "size": "2048x4096"})
+    error = bad.json()["error"]
+    assert bad.status_code == 422 and error["code"] == "unsupported_size" and "1024x1024" in error["choices"]
+    assert "multiples of 16 between 64 and 2048" in error["message"]
 
 
 async def test_traceparent_is_honoured(client: httpx.AsyncClient):

@@ -100,15 +100,16 @@ def test_missing_input_and_link_errors_match_comfyui_shapes(http):
 
 def test_value_errors_name_the_supported_values(http):
     sampler = graph()
-    sampler["3"]["inputs"]["sampler_name"] = "res_multistep"
+    sampler["3"]["inputs"]["sampler_name"] = "dpmpp_2m_sde"  # stochastic: per-step noise, not offered
     error = post(http, sampler)["node_errors"]["3"]["errors"][0]
+    samplers = ["euler", "dpmpp_2m", "res_multistep", "ddim", "uni_pc", "uni_pc_bh2"]
     assert error["type"] == "value_not_in_list" and error["message"] == "Value not in list"
-    assert error["details"] == "sampler_name: 'res_multistep' not in ['euler', 'dpmpp_2m', 'uni_pc']"
-    assert error["extra_info"]["input_config"][0] == ["euler", "dpmpp_2m", "uni_pc"]
+    assert error["details"] == f"sampler_name: 'dpmpp_2m_sde' not in {samplers}"
+    assert error["extra_info"]["input_config"][0] == samplers
 
     scheduler = graph()
-    scheduler["3"]["inputs"]["scheduler"] = "normal"
-    assert "not in ['simple']" in post(http, scheduler)["node_errors"]["3"]["errors"][0]["details"]
+    scheduler["3"]["inputs"]["scheduler"] = "align_your_steps"
+    assert "not in ['simple', 'sgm_uniform'," in post(http, scheduler)["node_errors"]["3"]["errors"][0]["details"]
 
     ckpt = recorded("invalid_prompts_more.json", "checkpoint_not_in_list")
     body = post(http, ckpt["request"]["json"]["prompt"])
@@ -125,10 +126,15 @@ def test_value_errors_name_the_supported_values(http):
     error = post(http, below)["node_errors"]["3"]["errors"][0]
     assert error["type"] == "value_smaller_than_min" and error["message"] == "Value 0.5 smaller than min of 1.0"
 
-    seed = graph()
-    seed["3"]["inputs"]["seed"] = 2**40  # the platform's seeds are 32-bit: refused, never folded
-    error = post(http, seed)["node_errors"]["3"]["errors"][0]
-    assert error["type"] == "value_bigger_than_max" and error["extra_info"]["input_name"] == "seed"
+    for value, kind, message in (
+        (2**64, "value_bigger_than_max", f"Value {2**64} bigger than max of {2**64 - 1}"),
+        (-1, "value_smaller_than_min", "Value -1 smaller than min of 0"),
+    ):
+        seed = graph()
+        seed["3"]["inputs"]["seed"] = value  # ComfyUI's range is 0 … 2**64 − 1, as here
+        error = post(http, seed)["node_errors"]["3"]["errors"][0]
+        assert error["type"] == kind and error["message"] == message and error["details"] == "seed"
+        assert error["extra_info"]["input_name"] == "seed" and error["extra_info"]["received_value"] == value
 
     wrong = graph()
     wrong["5"]["inputs"]["width"] = "abc"
@@ -139,10 +145,11 @@ def test_value_errors_name_the_supported_values(http):
 
 def test_platform_constraints_are_node_errors_with_choices(http):
     size = graph()
-    size["5"]["inputs"]["width"] = 100
+    size["5"]["inputs"]["width"] = 100  # not a multiple of 16
     error = post(http, size)["node_errors"]["5"]["errors"][0]
     assert error["type"] == "custom_validation_failed" and error["extra_info"]["code"] == "unsupported_size"
     assert "64x64" in error["extra_info"]["choices"] and error["details"].startswith("width - 100x64 is not")
+    assert "multiples of 16 between 64 and 2048" in error["details"]
 
     steps = graph()
     steps["3"]["inputs"]["steps"] = 40  # turbo runs at most 16

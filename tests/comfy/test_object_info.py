@@ -34,7 +34,11 @@ REQUIRED_NODES = {
     "PrimitiveString",
     "PrimitiveStringMultiline",
     "PrimitiveBoolean",
+    # Newer than ComfyUI 0.3.64 (the recording): in the official Z-Image Base template.
+    "ResolutionSelector",
+    "SaveImageAdvanced",
 }
+NEWER_THAN_RECORDING = {"ResolutionSelector", "SaveImageAdvanced"}
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +62,7 @@ def test_every_class_and_the_recorded_shape(http):
     info = response.json()
     assert set(info) == REQUIRED_NODES == set(NODES)
     summary = recorded("get_object_info_all_summary.json")["response"]["summary"]["node_classes_sorted"]
-    assert set(info) <= set(summary)  # every class exists in ComfyUI under that name
+    assert set(info) - NEWER_THAN_RECORDING <= set(summary)  # every class exists in ComfyUI under that name
     for node in info.values():
         assert set(node) >= {"input", "input_order", "output", "output_is_list", "output_name", "name"}
         assert node["input_order"] == {section: list(inputs) for section, inputs in node["input"].items()}
@@ -86,9 +90,11 @@ def test_same_shape_as_comfyui(http, node):
 def test_choices_are_the_platforms(http):
     ksampler = http.get("/object_info/KSampler").json()["KSampler"]["input"]["required"]
     recorded_samplers = recorded("get_object_info_KSampler.json")["response"]["json"]["KSampler"]["input"]["required"]
-    assert ksampler["sampler_name"][0] == ["euler", "dpmpp_2m", "uni_pc"]
+    assert ksampler["sampler_name"][0] == ["euler", "dpmpp_2m", "res_multistep", "ddim", "uni_pc", "uni_pc_bh2"]
     assert set(ksampler["sampler_name"][0]) <= set(recorded_samplers["sampler_name"][0])
-    assert ksampler["scheduler"][0] == ["simple"] and ksampler["seed"][1]["max"] == 2**32 - 1
+    # Every ComfyUI schedule, in ComfyUI's order; ComfyUI's seed range.
+    assert ksampler["scheduler"][0] == recorded_samplers["scheduler"][0]
+    assert ksampler["seed"][1]["max"] == recorded_samplers["seed"][1]["max"] == 2**64 - 1
     loader = http.get("/object_info/CheckpointLoaderSimple").json()["CheckpointLoaderSimple"]
     assert loader["input"]["required"]["ckpt_name"][0] == [
         "z_image_base.safetensors",
@@ -98,9 +104,22 @@ def test_choices_are_the_platforms(http):
     assert loader["output"] == ["MODEL", "CLIP", "VAE"]
     clip = http.get("/object_info/CLIPLoader").json()["CLIPLoader"]["input"]
     assert clip["required"]["clip_name"][0] == [
+        "qwen_3_4b.safetensors",  # Comfy-Org's files (engines/<variant>.yaml comfy_files), shared by two variants
+        "qwen_3_4b_fp8_mixed.safetensors",
         "z_image_base_text_encoder.safetensors",
         "z_image_edit_text_encoder.safetensors",
         "z_image_turbo_text_encoder.safetensors",
+    ]
+    unet = http.get("/object_info/UNETLoader").json()["UNETLoader"]["input"]["required"]["unet_name"][0]
+    assert unet == [
+        "z_image_base.safetensors",
+        "z_image_bf16.safetensors",
+        "z_image_edit.safetensors",
+        "z_image_int8_convrot.safetensors",
+        "z_image_turbo.safetensors",
+        "z_image_turbo_bf16.safetensors",
+        "z_image_turbo_fp8_e4m3fn.safetensors",
+        "z_image_turbo_int8_convrot.safetensors",
     ]
     assert clip["required"]["type"][0] == ["lumina2"] and "device" in clip["optional"]
 
@@ -113,7 +132,12 @@ def test_informational_routes(http):
     assert set(http.get("/features").json()) == set(recorded("get_features.json")["response"]["json"])
     assert http.get("/embeddings").json() == []
     assert http.get("/models").json() == ["checkpoints", "diffusion_models", "text_encoders", "vae"]
-    assert http.get("/models/vae").json()[0] == "z_image_base_vae.safetensors"
+    assert http.get("/models/vae").json() == [
+        "ae.safetensors",
+        "z_image_base_vae.safetensors",
+        "z_image_edit_vae.safetensors",
+        "z_image_turbo_vae.safetensors",
+    ]
     assert http.get("/models/loras").status_code == 404
     assert http.get("/history/00000000-0000-0000-0000-000000000000").json() == {}
     view = http.get("/view", params={"filename": "does_not_exist.png", "type": "output"})

@@ -123,3 +123,62 @@ def test_another_tenants_upload_is_absent(comfy_server, comfy_keys, http):
         assert other.get("/view", params=params).status_code == 404
         body = other.post("/prompt", json={"prompt": img2img_graph("private.png")}).json()
         assert body["node_errors"]["20"]["errors"][0]["details"] == "image - Invalid image file: private.png"
+
+
+def test_every_intermediate_image_size_is_checked(http, comfy_config):
+    """ImageScale / ImageScaleBy sizes are checked at validation against the image pixel limit,
+    each one (a chain that scales up 8x and back down still makes the big image first)."""
+    name = upload(http, png(1024, 768), "wide.png").json()["name"]
+    limit = comfy_config.limits.max_input_image_pixels
+    huge = img2img_graph(name, scale={"upscale_method": "lanczos", "width": 16384, "height": 16384, "crop": "disabled"})
+    body = http.post("/prompt", json={"prompt": huge}).json()
+    error = body["node_errors"]["21"]["errors"][0]
+    assert error["type"] == "custom_validation_failed" and error["extra_info"]["code"] == "image_too_many_pixels"
+    assert error["details"] == (
+        f"width - this makes a 16384x16384 image (268435456 pixels); images in a workflow may have at most "
+        f"{limit} pixels"
+    )
+    chain = img2img_graph(name, scale={"upscale_method": "bicubic", "width": 64, "height": 64, "crop": "disabled"})
+    chain["23"] = {
+        "class_type": "ImageScaleBy",
+        "inputs": {"image": ["20", 0], "upscale_method": "area", "scale_by": 8},
+    }
+    chain["21"]["inputs"]["image"] = ["23", 0]
+    error = http.post("/prompt", json={"prompt": chain}).json()["node_errors"]["23"]["errors"][0]
+    assert error["extra_info"]["code"] == "image_too_many_pixels" and "8192x6144" in error["details"]
+
+
+def test_image_work_runs_off_the_event_loop(http, monkeypatch):
+    """Pillow work in the ComfyUI routes (decoding an upload; decoding, scaling and encoding it
+    for a job; /view's preview conversion) happens in worker threads, never on the event loop."""
+    import asyncio
+
+    from zimage_platform.api import graphs
+    from zimage_platform.api.comfy import api_router
+    from zimage_platform.api.comfy import serving as comfy_serving
+
+    seen: dict[str, list[str]] = {}
+
+    def spy(module, name):
+        original = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            try:
+                asyncio.get_running_loop()
+                seen.setdefault(name, []).append("event loop")
+            except RuntimeError:
+                seen.setdefault(name, []).append("worker thread")
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, wrapper)
+
+    spy(graphs, "_scaled_png")
+    spy(comfy_serving, "decode_image")
+    spy(api_router, "convert_view")
+    name = upload(http, png(128, 96, (1, 2, 3)), "scaled.png").json()["name"]
+    prompt = img2img_graph(name, scale={"upscale_method": "lanczos", "width": 64, "height": 64, "crop": "center"})
+    answer = http.post("/prompt", json={"prompt": prompt}).json()
+    assert answer["node_errors"] == {}
+    assert wait(http, answer["prompt_id"])["status"]["status_str"] == "success"
+    assert http.get("/view", params={"filename": name, "type": "input", "preview": "webp;50"}).status_code == 200
+    assert seen == {name: ["worker thread"] for name in ("decode_image", "_scaled_png", "convert_view")}

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from zimage_platform.engines import PipelineEngine, build_engine, engine_folder, read_manifest, verify_engine
-from zimage_platform.engines.engine import bucket_profiles
+from zimage_platform.engines.engine import bucket_profiles, dynamic_profile
 from zimage_platform.engines.manifest import sha256_file
-from zimage_platform.engines.tensorrt_backend import decoder_shapes, denoiser_shapes
+from zimage_platform.engines.tensorrt_backend import decoder_shapes, denoiser_shapes, plan_profiles
 from zimage_platform.errors import BackendUnavailable, EngineError, InvalidRequest
 from zimage_platform.pipeline.buckets import Resolution
 from zimage_platform.pipeline.types import GenerationRequest
@@ -39,6 +39,18 @@ def test_onnx_runtime_images_match_torch(ort_engine, torch_engine):
     for ours, ref in zip(ort_engine.run(requests), torch_engine.run(requests), strict=True):
         diff = np.abs(np.asarray(ours.image, dtype=np.int16) - np.asarray(ref.image, dtype=np.int16))
         assert diff.max() <= 2
+
+
+def test_onnx_runtime_runs_sizes_outside_the_buckets(ort_engine, torch_engine):
+    """The exported ONNX has dynamic height and width: a non-bucket size runs as it is and
+    matches torch (the buckets are only the warmed-up fast path)."""
+    size = Resolution(96, 160)
+    assert size not in ort_engine.buckets
+    request = GenerationRequest(prompt="a lighthouse", size=size, seed=3, steps=4, request_id="odd")
+    (ours,), (ref,) = ort_engine.run([request]), torch_engine.run([request])
+    assert ours.image.size == (96, 160)
+    diff = np.abs(np.asarray(ours.image, dtype=np.int16) - np.asarray(ref.image, dtype=np.int16))
+    assert diff.max() <= 2
 
 
 def test_rebuilding_an_identical_engine_is_a_no_op_and_variants_share_exports(config, ort_engine):
@@ -114,8 +126,14 @@ def test_engine_enforces_max_batch_and_served_sizes(torch_engine):
         torch_engine.run(too_many)
     assert err.value.code == "batch_too_large"
     with pytest.raises(InvalidRequest) as bad:
-        torch_engine.run([GenerationRequest(prompt="x", size=Resolution(96, 96), seed=1, steps=1)])
+        torch_engine.run([GenerationRequest(prompt="x", size=Resolution(100, 100), seed=1, steps=1)])
     assert bad.value.code == "unsupported_size" and "1024x1024" in bad.value.choices
+    # A size outside the buckets runs on the dynamic-shape path, in batches of its own cap.
+    assert torch_engine.max_batch(Resolution(96, 96)) == 2 and torch_engine.max_batch(Resolution(64, 64)) == 8
+    odd = [GenerationRequest(prompt="x", size=Resolution(96, 96), seed=i, steps=1) for i in range(3)]
+    with pytest.raises(EngineError) as err:
+        torch_engine.run(odd)
+    assert err.value.code == "batch_too_large"
 
 
 def test_torch_needs_no_build_and_unknown_backends_are_named(config):
@@ -156,3 +174,24 @@ def test_tensorrt_profiles_one_per_bucket(config):
     assert timestep.max == lens.max == (16,)
     (dec,) = decoder_shapes(profiles[0], latent_channels=16)
     assert dec.min == (1, 16, 128, 128) and dec.max == (4, 16, 128, 128)
+
+
+def test_tensorrt_dynamic_profile_spans_every_allowed_size(config):
+    """Sizes outside the buckets get one more optimisation profile (built last, so the buckets
+    keep their indices): each side ranges over the variant's min_side..max_side."""
+    spec = config.variant("turbo")
+    dynamic = dynamic_profile(spec, 512)
+    assert (dynamic.min_size, dynamic.opt_size, dynamic.max_size) == ("64x64", "256x256", "2048x2048")
+    latents, timestep, captions, _ = denoiser_shapes(dynamic, latent_channels=16, caption_dim=2560)
+    assert latents.min == (1, 16, 8, 8) and latents.opt == (2, 16, 32, 32) and latents.max == (4, 16, 256, 256)
+    assert timestep.max == (4,) and captions.max == (4, 512, 2560)
+    (dec,) = decoder_shapes(dynamic, latent_channels=16)
+    assert dec.min == (1, 16, 8, 8) and dec.max == (2, 16, 256, 256)
+    buckets = bucket_profiles(spec, [Resolution(1024, 1024)], 512)
+    assert plan_profiles(buckets, dynamic) == [*buckets, dynamic]
+
+
+def test_manifest_carries_the_dynamic_profile(config, ort_engine):
+    manifest = read_manifest(engine_folder(config, "turbo", "onnxruntime"))
+    assert manifest.dynamic_profile == dynamic_profile(config.variant("turbo"), config.engine.max_sequence_length)
+    assert "dynamic" not in manifest.buckets

@@ -38,7 +38,7 @@ def test_n_expands_to_consecutive_seeds(config):
 
 
 def test_unsupported_size_lists_every_bucket(config):
-    err = refusal(config, prompt="x", size="1000x1000")
+    err = refusal(config, prompt="x", size="1000x1000")  # not a multiple of 16
     assert err.code == "unsupported_size" and err.param == "size"
     assert "1024x1024" in err.choices and "576x1344" in err.choices and "64x64" in err.choices
     assert len(err.choices) == 15
@@ -47,7 +47,48 @@ def test_unsupported_size_lists_every_bucket(config):
 
 def test_unknown_sampler_names_the_supported_ones(config):
     err = refusal(config, prompt="x", sampler="dpmpp_sde")
-    assert err.code == "unsupported_sampler" and err.choices == ["euler", "dpmpp_2m", "unipc"]
+    assert err.code == "unsupported_sampler"
+    assert err.choices == ["euler", "res_multistep", "dpmpp_2m", "unipc", "ddim"]
+
+
+def test_scheduler_is_a_comfyui_schedule_name(config):
+    (r,) = resolve(config, prompt="x", scheduler="karras", seed=1)
+    assert r.scheduler == "karras" and r.batch_key().scheduler == "karras"
+    (default,) = resolve(config, prompt="x", seed=1)
+    assert default.scheduler == "simple" and default.batch_key() != r.batch_key()
+    err = refusal(config, prompt="x", scheduler="align_your_steps")
+    assert err.code == "unsupported_scheduler" and "beta" in err.choices and "simple" in err.choices
+
+
+def test_any_multiple_of_16_within_the_limits_is_a_size(config):
+    """Buckets are the fast path; other sizes run as they are (never adjusted)."""
+    (r,) = resolve(config, prompt="x", size="1152x768", seed=1)
+    assert r.size == Resolution(1152, 768)
+    sizes = config.buckets_for("turbo")
+    assert not sizes.is_bucket(r.size) and sizes.is_bucket(Resolution(1024, 1024))
+    # Metrics label every other size "dynamic": label values stay bounded.
+    assert sizes.label(r.size) == "dynamic" and sizes.label("1024x1024") == "1024x1024"
+    for bad in ("1000x1000", "16x16", "4096x64", "2048x2064"):
+        err = refusal(config, prompt="x", size=bad)
+        assert err.code == "unsupported_size" and "multiples of 16 between 64 and 2048" in err.message, bad
+        assert "1024x1024" in err.choices
+    tight = config.variant("turbo").model_copy(
+        update={"limits": config.variant("turbo").limits.model_copy(update={"max_pixels": 512 * 512})}
+    )
+    with pytest.raises(InvalidRequest, match="at most 262144 pixels"):
+        resolve_requests(
+            GenerationParams(prompt="x", size="1024x768"), tight, BucketSet(["512x512"], tight.limits.size_rule)
+        )
+
+
+def test_seeds_span_64_bits(config):
+    (r,) = resolve(config, prompt="x", seed=2**64 - 1)
+    assert r.seed == 2**64 - 1
+    rs = resolve(config, prompt="x", seed=2**64 - 2, n=2)
+    assert [r.seed for r in rs] == [2**64 - 2, 2**64 - 1]
+    err = refusal(config, prompt="x", seed=2**64 - 2, n=3)
+    assert err.code == "seed_out_of_range" and str(2**64 - 3) in err.message
+    assert refusal(config, prompt="x", seed=2**64).code == "seed_out_of_range"
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -77,21 +79,33 @@ def test_img2img_matches_stock_img2img_pipeline(torch_engine):
     assert np.array_equal(np.asarray(expected), np.asarray(ours.image))
 
 
-@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m", "unipc"])
-def test_request_alone_twice_is_bitwise_identical(torch_engine, sampler):
-    first = torch_engine.run([req("a lighthouse", 42, sampler=sampler)])[0]
+SAMPLER_RUNS = [
+    ("euler", "simple"),
+    ("dpmpp_2m", "simple"),
+    ("unipc", "simple"),
+    ("res_multistep", "simple"),
+    ("res_multistep", "karras"),
+    ("euler", "beta"),
+    ("dpmpp_2m", "sgm_uniform"),
+]
+
+
+@pytest.mark.parametrize(("sampler", "scheduler"), SAMPLER_RUNS)
+def test_request_alone_twice_is_bitwise_identical(torch_engine, sampler, scheduler):
+    first = torch_engine.run([req("a lighthouse", 42, sampler=sampler, scheduler=scheduler)])[0]
     torch_engine.pipeline.prompt_cache.clear()
-    second = torch_engine.run([req("a lighthouse", 42, sampler=sampler)])[0]
+    second = torch_engine.run([req("a lighthouse", 42, sampler=sampler, scheduler=scheduler)])[0]
     assert first.png == second.png
 
 
-@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m", "unipc"])
-def test_batch_members_match_their_solo_runs(base_torch_engine, sampler):
+@pytest.mark.parametrize(("sampler", "scheduler"), SAMPLER_RUNS)
+def test_batch_members_match_their_solo_runs(base_torch_engine, sampler, scheduler):
     """Different prompts, seeds, negative prompts and guidance scales in one CFG batch."""
+    kw = {"sampler": sampler, "scheduler": scheduler}
     members = [
-        req("a red fox", 1, guidance=3.0, negative_prompt="blurry", sampler=sampler),
-        req("一只小猫坐在窗台上", 2, guidance=5.0, negative_prompt="低质量", sampler=sampler),
-        req("mixed 混合 prompt with a panda 熊猫", 3, guidance=4.0, negative_prompt="", sampler=sampler),
+        req("a red fox", 1, guidance=3.0, negative_prompt="blurry", **kw),
+        req("一只小猫坐在窗台上", 2, guidance=5.0, negative_prompt="低质量", **kw),
+        req("mixed 混合 prompt with a panda 熊猫", 3, guidance=4.0, negative_prompt="", **kw),
     ]
     batched = base_torch_engine.run(members)
     for member, together in zip(members, batched, strict=True):
@@ -99,6 +113,42 @@ def test_batch_members_match_their_solo_runs(base_torch_engine, sampler):
         assert max_diff(alone, together) <= 1, member.prompt
     # Different seeds really give different images (the test would pass vacuously otherwise).
     assert max_diff(batched[0], batched[1]) > 10
+
+
+def test_samplers_and_schedules_change_the_image(torch_engine):
+    """The new names are not aliases of Euler's simple schedule: each draws its own image."""
+    euler = torch_engine.run([req("a lighthouse", 42, steps=6)])[0]
+    res = torch_engine.run([req("a lighthouse", 42, steps=6, sampler="res_multistep")])[0]
+    karras = torch_engine.run([req("a lighthouse", 42, steps=6, scheduler="karras")])[0]
+    ddim = torch_engine.run([req("a lighthouse", 42, steps=6, sampler="ddim")])[0]
+    assert euler.png != res.png and euler.png != karras.png
+    assert ddim.png == euler.png  # ComfyUI runs ddim as Euler
+
+
+def test_64_bit_seeds_are_the_generators_seed(torch_engine):
+    """A 64-bit seed (ComfyUI's random seeds) goes to torch's CPU generator as it is, as ComfyUI
+    hands it over: the starting noise is ComfyUI's for that seed. That generator (Mersenne
+    Twister) is seeded from the low 32 bits, so — in ComfyUI too — seeds 2**32 apart draw the
+    same noise."""
+    big = 2**64 - 1
+    request = req("a cat", big)
+    scheduler = torch_engine.pipeline.pipe.scheduler
+    noise = torch_engine.pipeline._initial_latents(request, scheduler, None)
+    assert torch.equal(noise, torch.randn(1, 16, 8, 8, generator=torch.manual_seed(big)))
+    (a,) = torch_engine.run([request])
+    (b,) = torch_engine.run([req("a cat", big - 2**32)])
+    (c,) = torch_engine.run([req("a cat", big - 1)])
+    assert a.seed == big and max_diff(a, b) == 0 and max_diff(a, c) > 10
+
+
+def test_png_text_chunks(torch_engine):
+
+    (result,) = torch_engine.run([req("a cat", 1, png_text={"prompt": '{"3": {}}', "workflow": "{}"})])
+    with Image.open(io.BytesIO(result.png)) as png:
+        assert png.text == {"prompt": '{"3": {}}', "workflow": "{}"}
+    (plain,) = torch_engine.run([req("a cat", 1)])
+    with Image.open(io.BytesIO(plain.png)) as png:
+        assert png.text == {} and np.array_equal(np.asarray(png), np.asarray(result.image))
 
 
 def test_same_prompt_different_seeds_differ_and_seed_is_reported(torch_engine):
@@ -115,7 +165,7 @@ def test_progress_reports_every_step_for_the_batch(torch_engine):
     assert all(e.total == 6 and set(e.request_ids) == {"a-1-0", "b-2-0"} for e in events)
 
 
-@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m"])
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m", "res_multistep"])
 def test_cancel_one_member_at_a_step_boundary(torch_engine, sampler):
     """The cancelled member stops at the next boundary; the others finish as if alone."""
     members = [req("keep me", 1, steps=6, sampler=sampler), req("cancel me", 2, steps=6, sampler=sampler)]

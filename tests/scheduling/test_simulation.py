@@ -198,6 +198,20 @@ def test_measured_latency_fits_a_line_per_bucket():
     assert set(bench.points) >= {"64x64", "256x256"}
 
 
+def test_latency_models_cover_sizes_outside_the_buckets():
+    """A non-bucket size (any multiple of 16) still has a latency: measured tables scale the
+    nearest measured size by pixels; the compute model counts its tokens."""
+    model = MeasuredLatency({"64x64": {1: 0.10, 4: 0.25}, "256x256": {1: 1.0, 4: 2.5}})
+    key = WorkKey("turbo", "96x96", 8, False, "euler", 3.0, None, None)
+    assert model.batch_seconds("cpu", key, 1) == pytest.approx(0.10 * 96 * 96 / (64 * 64))
+    big = key._replace(size="320x256")
+    assert model.batch_seconds("cpu", big, 4) == pytest.approx(2.5 * 320 * 256 / (256 * 256))
+    compute = ComputeModel.from_file(LATENCY, load_config(H800))
+    odd = WorkKey("turbo", "1152x768", 8, False, "euler", 3.0, None, None)
+    square = odd._replace(size="1024x1024")
+    assert 0 < compute.batch_seconds("realtime", odd, 1) < compute.batch_seconds("realtime", square, 1)
+
+
 def test_search_finds_the_fewest_replicas_that_meet_the_slos(h800: PlatformConfig):
     latency = load_latency(LATENCY, h800)
     load = load_profile(PROMO)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
+from sqlalchemy import text
 
 from zimage_platform.db import create_db_engine, utcnow
 from zimage_platform.scheduling.store import (
@@ -121,6 +122,12 @@ def test_queue_deadlines_fail_with_a_reason(store: JobStore):
     assert store.get(fine.id).status == "queued"
 
 
-def test_seeds_up_to_2_32_fit(store: JobStore):
-    row, _ = store.create(NewJob(tenant_id="a", variant="turbo", kind="text2img", params=PARAMS, seeds=[2**32 - 1]))
-    assert store.get(row.id).images[0].seed == 2**32 - 1
+def test_seeds_span_64_bits_exactly(store: JobStore):
+    """ComfyUI's seeds reach 2**64 − 1; the signed BIGINT column holds them two's-complement."""
+    seeds = [0, 2**32 - 1, 2**63 - 1, 2**63, 677498465340151, 2**64 - 1]
+    row, _ = store.create(NewJob(tenant_id="a", variant="turbo", kind="text2img", params=PARAMS, seeds=seeds))
+    assert [i.seed for i in store.get(row.id).images] == seeds
+    with store.engine.connect() as conn:  # what a raw SQL reader sees
+        query = text('SELECT seed FROM job_images WHERE job_id = :job ORDER BY "index"')
+        raw = [r[0] for r in conn.execute(query, {"job": row.id})]
+    assert raw == [0, 2**32 - 1, 2**63 - 1, -(2**63), 677498465340151, -1]

@@ -83,7 +83,9 @@ def store_input_image(services: PlatformServices, tenant: TenantSpec, data: byte
 
 
 #: Generation fields the wire schemas (images, jobs) share, by name, with ``GenerationParams``.
-SHARED_PARAMS = ("prompt", "size", "n", "seed", "steps", "guidance", "negative_prompt", "sampler", "shift")
+SHARED_PARAMS = ("prompt", "size", "n", "seed", "steps", "guidance", "negative_prompt", "sampler", "scheduler", "shift")
+#: Job params that are the platform's plumbing, not the caller's request (never shown).
+_INTERNAL_PARAMS = ("trace_context", "input_key", "png_text")
 
 
 def params_from(request: Any, **rest: Any) -> GenerationParams:
@@ -159,9 +161,12 @@ def prepare_job(
         "steps": first.steps,
         "guidance": first.guidance,
         "sampler": first.sampler,
+        "scheduler": first.scheduler,
         "shift": first.shift,
         "trace_context": dict(trace.carrier),
     }
+    if first.png_text:
+        job_params["png_text"] = dict(first.png_text)
     if input_key is not None:
         job_params.update(input_key=input_key, strength=first.strength)
     if first.hires is not None:
@@ -201,7 +206,7 @@ async def submit(services: PlatformServices, tenant: TenantSpec, job: NewJob) ->
 
 def job_view(services: PlatformServices, row: JobRow, *, presign: bool = True) -> dict[str, Any]:
     """The job as callers see it: status, per-image presigned URLs, seeds, timings, errors."""
-    params = {k: v for k, v in row.params.items() if k not in ("trace_context", "input_key")}
+    params = {k: v for k, v in row.params.items() if k not in _INTERNAL_PARAMS}
     images = []
     for image in row.images:
         url = (

@@ -9,17 +9,17 @@ attributed to the ComfyUI node (and input) the offending value came from.
 from __future__ import annotations
 
 import asyncio
-import io
 from dataclasses import dataclass
 
 from zimage_platform.api.generation import image_limits, prepare_job, store_input_image
 from zimage_platform.api.services import PlatformServices
 from zimage_platform.errors import InvalidRequest, PlatformError
-from zimage_platform.pipeline.images import decode_image
+from zimage_platform.pipeline.images import ImageLimits, decode_image, encode_png
 from zimage_platform.scheduling.store import NewJob
 from zimage_platform.telemetry.context import RequestTrace
 from zimage_platform.tenancy import TenantSpec
 from zimage_platform.workflows import Catalog, CompiledPrompt, PlannedJob, build_catalog
+from zimage_platform.workflows.compiler import ImageOp
 from zimage_platform.workflows.imageops import apply
 from zimage_platform.workflows.store import ComfyStore
 from zimage_platform.workflows.validation import custom_error
@@ -69,10 +69,15 @@ async def _input_image(services: PlatformServices, tenant: TenantSpec, store: Co
     if row is None or row.s3_key is None:
         raise InvalidRequest(f"no uploaded image {job.image.name}", code="image_not_found", param="image")
     data = await asyncio.to_thread(services.results.get_bytes, row.s3_key)
-    image = apply(decode_image(data, image_limits(services), param="image"), job.image.ops)
-    png = io.BytesIO()
-    image.save(png, format="PNG", compress_level=1)
-    return await asyncio.to_thread(store_input_image, services, tenant, png.getvalue())
+    png = await asyncio.to_thread(_scaled_png, data, image_limits(services), job.image.ops)
+    return await asyncio.to_thread(store_input_image, services, tenant, png)
+
+
+def _scaled_png(data: bytes, limits: ImageLimits, ops: list[ImageOp]) -> bytes:
+    """Decode, scale as the graph says, encode (Pillow: run in a worker thread, never on the
+    event loop). Every size in ``ops`` was checked against the image limit at validation."""
+    image = apply(decode_image(data, limits, param="image"), ops)
+    return encode_png(image, 1)
 
 
 async def prepare_jobs(

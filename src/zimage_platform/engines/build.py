@@ -19,6 +19,7 @@ from zimage_platform.engines.engine import (
     Backend,
     PipelineEngine,
     bucket_profiles,
+    dynamic_profile,
     engine_folder,
     get_backend,
 )
@@ -92,10 +93,12 @@ def build_engine(
         onnx_opset=ONNX_OPSET,
         tools=tool_versions(),
         profiles=profiles,
+        dynamic_profile=dynamic_profile(spec, config.engine.max_sequence_length),
     )
     if not force and existing and _same_artifacts(existing, manifest, impl) and files_intact(folder, existing):
-        if existing.profiles != manifest.profiles:  # only the advisory profiles changed
-            existing.profiles = manifest.profiles
+        if (existing.profiles, existing.dynamic_profile) != (manifest.profiles, manifest.dynamic_profile):
+            existing.profiles = manifest.profiles  # only the advisory profiles changed
+            existing.dynamic_profile = manifest.dynamic_profile
             write_manifest(folder, existing)
         return existing
     with staged_folder(folder, prefix=f".{backend}-") as staging:
@@ -107,7 +110,7 @@ def build_engine(
             files = list(donor_manifest.files)
         else:
             pipe = load_pipeline(info.path, torch.float32)
-            files = impl.build(pipe, staging, profiles, precision=precision)
+            files = impl.build(pipe, staging, profiles, precision=precision, dynamic=manifest.dynamic_profile)
         manifest.files = {name: sha256_file(staging / name) for name in files}
         write_manifest(staging, manifest)
     return manifest
@@ -117,7 +120,7 @@ def _same_artifacts(a: EngineManifest, b: EngineManifest, backend: Backend) -> b
     """Would building ``b`` produce the files ``a`` already has?"""
     keys = ["backend", "precision", "checkpoint_fingerprint", "onnx_opset", "tools"]
     if backend.profiles_in_artifacts:
-        keys.append("profiles")
+        keys += ["profiles", "dynamic_profile"]
     return all(getattr(a, k) == getattr(b, k) for k in keys)
 
 

@@ -20,7 +20,13 @@ from typing import TYPE_CHECKING, Protocol
 import psutil
 import torch
 
-from zimage_platform.engines.manifest import BucketProfile, EngineManifest, check_manifest, read_manifest
+from zimage_platform.engines.manifest import (
+    BucketProfile,
+    DynamicProfile,
+    EngineManifest,
+    check_manifest,
+    read_manifest,
+)
 from zimage_platform.engines.onnxruntime_backend import OnnxRuntimeBackend
 from zimage_platform.engines.tensorrt_backend import TensorRTBackend
 from zimage_platform.engines.torch_backend import TorchBackend
@@ -52,7 +58,15 @@ class Backend(Protocol):
     profiles_in_artifacts: bool
 
     def unavailable_reason(self) -> str | None: ...
-    def build(self, pipe, folder: Path, profiles: list[BucketProfile], *, precision: str) -> list[str]: ...
+    def build(
+        self,
+        pipe,
+        folder: Path,
+        profiles: list[BucketProfile],
+        *,
+        precision: str,
+        dynamic: DynamicProfile | None = None,
+    ) -> list[str]: ...
     def load(self, pipe, folder: Path, manifest: EngineManifest | None, *, threads: int): ...
 
 
@@ -118,6 +132,20 @@ def bucket_profiles(spec: VariantSpec, buckets: Sequence[Resolution], max_sequen
     return profiles
 
 
+def dynamic_profile(spec: VariantSpec, max_sequence_length: int) -> DynamicProfile:
+    """The range every size the variant's rule allows falls in (optimised for its default size)."""
+    caption_max = -(-max_sequence_length // 32) * 32
+    lim, b = spec.limits, spec.batch.dynamic_max_batch
+    return DynamicProfile(
+        min_size=f"{lim.min_side}x{lim.min_side}",
+        opt_size=spec.defaults.size,
+        max_size=f"{lim.max_side}x{lim.max_side}",
+        max_batch=b,
+        denoiser_batch=(1, b, 2 * b),
+        caption_len=(32, min(128, caption_max), caption_max),
+    )
+
+
 def engine_folder(config: PlatformConfig, variant: str, backend: str, precision: str | None = None) -> Path:
     """``<build>/<variant>/<backend>-<precision>``: one variant may run fp8 in one pool, bf16 in another."""
     return config.paths.engine_build_dir / variant / f"{backend}-{precision or config.variant(variant).precision}"
@@ -142,7 +170,9 @@ class PipelineEngine:
         self.precision = precision or self.spec.precision
         self.backend = backend or config.engine.backend
         self._backend = get_backend(self.backend)
-        self.buckets = list(config.buckets_for(variant))
+        self.sizes = config.buckets_for(variant)
+        #: Compiled sizes (warmed up, a TensorRT profile each); other allowed sizes run dynamic.
+        self.buckets = list(self.sizes)
         self.device = torch.device(device)
         self._checkpoint_override = checkpoint
         self.checkpoint: CheckpointInfo | None = None
@@ -212,7 +242,7 @@ class PipelineEngine:
     # -- work ---------------------------------------------------------------------------
 
     def max_batch(self, bucket: Resolution) -> int:
-        return self.spec.batch.for_bucket(bucket)
+        return self.spec.max_batch(bucket, self.sizes)
 
     def run(
         self,
@@ -223,13 +253,7 @@ class PipelineEngine:
         if self.pipeline is None:
             raise EngineError(f"engine {self.variant}/{self.backend} is not loaded", code="engine_not_loaded")
         for r in requests:
-            if r.size not in self.buckets:
-                raise InvalidRequest(
-                    f"size {r.size} is not served by {self.variant}",
-                    code="unsupported_size",
-                    param="size",
-                    choices=[str(b) for b in self.buckets],
-                )
+            self.sizes.resolve(r.size)  # a bucket, or a size the variant's rule allows
         by_size: dict[Resolution, int] = {}
         for r in requests:
             by_size[r.size] = by_size.get(r.size, 0) + 1

@@ -31,6 +31,18 @@ class BucketProfile(BaseModel):
     caption_len: tuple[int, int, int]
 
 
+class DynamicProfile(BaseModel):
+    """Sizes outside the buckets: one TensorRT optimisation profile over a range of sizes
+    (``WIDTHxHEIGHT`` min / opt / max; each side varies on its own), with its batch range."""
+
+    min_size: str
+    opt_size: str
+    max_size: str
+    max_batch: int
+    denoiser_batch: tuple[int, int, int]
+    caption_len: tuple[int, int, int]
+
+
 class Verification(BaseModel):
     bucket: str
     max_pixel_diff: float
@@ -50,6 +62,8 @@ class EngineManifest(BaseModel):
     onnx_opset: int | None = None
     tools: dict[str, str] = Field(default_factory=dict)
     profiles: list[BucketProfile] = Field(default_factory=list)
+    #: The dynamic-shape profile for sizes outside the buckets (``None``: buckets only).
+    dynamic_profile: DynamicProfile | None = None
     #: Artifact file name → sha256.
     files: dict[str, str] = Field(default_factory=dict)
     #: Peak accelerator memory measured while verifying (GB); pools check their slices against it.

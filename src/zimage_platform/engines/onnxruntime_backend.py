@@ -89,7 +89,7 @@ class OnnxRuntimeBackend:
             return "onnxruntime is not installed (pip install onnxruntime)"
         return None
 
-    def build(self, pipe, folder: Path, profiles, *, precision: str) -> list[str]:
+    def build(self, pipe, folder: Path, profiles, *, precision: str, dynamic=None) -> list[str]:
         if precision != "fp32":
             raise EngineError(
                 f"the onnxruntime backend builds fp32 engines; {precision} is for tensorrt",

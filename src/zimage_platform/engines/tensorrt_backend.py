@@ -21,7 +21,7 @@ from typing import ClassVar
 import torch
 
 from zimage_platform.engines.export import export_decoder_onnx, export_denoiser_onnx, pad_captions
-from zimage_platform.engines.manifest import BucketProfile
+from zimage_platform.engines.manifest import BucketProfile, DynamicProfile
 from zimage_platform.errors import BackendUnavailable, EngineError
 
 DENOISER_ONNX = "denoiser.onnx"
@@ -64,30 +64,48 @@ class ShapeRange:
     max: tuple[int, ...]
 
 
-def denoiser_shapes(profile: BucketProfile, *, latent_channels: int, caption_dim: int) -> list[ShapeRange]:
-    """The denoiser inputs' ranges for one bucket: batch and caption length vary, size is fixed."""
-    width, height = (int(x) for x in profile.bucket.split("x"))
-    lh, lw = height // 8, width // 8
+#: A bucket's profile fixes the size; the dynamic profile spans a range of sizes.
+Profile = BucketProfile | DynamicProfile
+
+
+def _latent(size: str) -> tuple[int, int]:
+    width, height = (int(x) for x in size.split("x"))
+    return height // 8, width // 8
+
+
+def latent_range(profile: Profile) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """(min, opt, max) latent (height, width) of a profile."""
+    if isinstance(profile, DynamicProfile):
+        return _latent(profile.min_size), _latent(profile.opt_size), _latent(profile.max_size)
+    fixed = _latent(profile.bucket)
+    return fixed, fixed, fixed
+
+
+def denoiser_shapes(profile: Profile, *, latent_channels: int, caption_dim: int) -> list[ShapeRange]:
+    """The denoiser inputs' ranges for one profile: batch and caption length vary; the size is
+    fixed for a bucket and ranges over the allowed sizes for the dynamic profile."""
+    (hmin, wmin), (hopt, wopt), (hmax, wmax) = latent_range(profile)
     bmin, bopt, bmax = profile.denoiser_batch
     cmin, copt, cmax = profile.caption_len
+    c = latent_channels
     return [
-        ShapeRange(
-            "latents", (bmin, latent_channels, lh, lw), (bopt, latent_channels, lh, lw), (bmax, latent_channels, lh, lw)
-        ),
+        ShapeRange("latents", (bmin, c, hmin, wmin), (bopt, c, hopt, wopt), (bmax, c, hmax, wmax)),
         ShapeRange("timestep", (bmin,), (bopt,), (bmax,)),
         ShapeRange("captions", (bmin, cmin, caption_dim), (bopt, copt, caption_dim), (bmax, cmax, caption_dim)),
         ShapeRange("caption_lens", (bmin,), (bopt,), (bmax,)),
     ]
 
 
-def decoder_shapes(profile: BucketProfile, *, latent_channels: int) -> list[ShapeRange]:
-    width, height = (int(x) for x in profile.bucket.split("x"))
-    lh, lw = height // 8, width // 8
+def decoder_shapes(profile: Profile, *, latent_channels: int) -> list[ShapeRange]:
+    (hmin, wmin), (hopt, wopt), (hmax, wmax) = latent_range(profile)
     # The decoder sees only the batch's own rows: up to max_batch, never the CFG doubling.
-    b = profile.max_batch
-    return [
-        ShapeRange("latents", (1, latent_channels, lh, lw), (b, latent_channels, lh, lw), (b, latent_channels, lh, lw))
-    ]
+    b, c = profile.max_batch, latent_channels
+    return [ShapeRange("latents", (1, c, hmin, wmin), (b, c, hopt, wopt), (b, c, hmax, wmax))]
+
+
+def plan_profiles(profiles: list[BucketProfile], dynamic: DynamicProfile | None) -> list[Profile]:
+    """The plan's optimisation profiles in index order: one per bucket, then the dynamic one."""
+    return [*profiles, *([dynamic] if dynamic is not None else [])]
 
 
 def check_precision_supported(precision: str) -> None:
@@ -181,8 +199,13 @@ def fp8_calibration(pipe, profiles: list[BucketProfile], prompts: list[str]) -> 
     }
 
 
+#: The execution context of the dynamic-shape profile (sizes outside the buckets).
+DYNAMIC = "dynamic"
+
+
 class _PlanRunner:
-    """One deserialized plan with an execution context per optimisation profile (bucket)."""
+    """One deserialized plan with an execution context per optimisation profile (bucket, and
+    :data:`DYNAMIC` for every other size when the plan has that profile)."""
 
     def __init__(self, plan: Path, buckets: list[str]) -> None:
         trt = _trt()
@@ -199,10 +222,13 @@ class _PlanRunner:
 
     def run(self, bucket: str, inputs: dict[str, torch.Tensor], output: str) -> torch.Tensor:
         trt = _trt()
-        context = self.contexts.get(bucket)
+        context = self.contexts[bucket] if bucket in self.contexts else self.contexts.get(DYNAMIC)
         if context is None:
             raise EngineError(
-                f"no TensorRT profile for bucket {bucket}", code="engine_bucket_missing", choices=sorted(self.contexts)
+                f"no TensorRT profile for size {bucket} (the plan was built without a dynamic-shape profile: "
+                "rebuild it with `engines build --force`)",
+                code="engine_bucket_missing",
+                choices=sorted(self.contexts),
             )
         for name, tensor in inputs.items():
             context.set_input_shape(name, tuple(tensor.shape))
@@ -261,7 +287,15 @@ class TensorRTBackend:
             return "TensorRT is installed but no CUDA GPU is visible"
         return None
 
-    def build(self, pipe, folder: Path, profiles: list[BucketProfile], *, precision: str) -> list[str]:
+    def build(
+        self,
+        pipe,
+        folder: Path,
+        profiles: list[BucketProfile],
+        *,
+        precision: str,
+        dynamic: DynamicProfile | None = None,
+    ) -> list[str]:
         _trt()
         check_precision_supported(precision)
         export_denoiser_onnx(pipe.transformer, folder / DENOISER_ONNX)
@@ -275,20 +309,21 @@ class TensorRTBackend:
         decoder = lower_precision(folder / DECODER_ONNX, folder / f"vae_decoder.{vae_precision}.onnx", vae_precision)
         channels = pipe.transformer.config.in_channels
         caption_dim = pipe.transformer.config.cap_feat_dim
+        every = plan_profiles(profiles, dynamic)
         build_plan(
             denoiser,
             folder / DENOISER_PLAN,
-            [denoiser_shapes(p, latent_channels=channels, caption_dim=caption_dim) for p in profiles],
+            [denoiser_shapes(p, latent_channels=channels, caption_dim=caption_dim) for p in every],
         )
-        build_plan(decoder, folder / DECODER_PLAN, [decoder_shapes(p, latent_channels=channels) for p in profiles])
+        build_plan(decoder, folder / DECODER_PLAN, [decoder_shapes(p, latent_channels=channels) for p in every])
         return sorted({DENOISER_ONNX, DECODER_ONNX, denoiser.name, decoder.name, DENOISER_PLAN, DECODER_PLAN})
 
     def load(self, pipe, folder: Path, manifest, *, threads: int):
         reason = self.unavailable_reason()
         if reason:
             raise BackendUnavailable(reason, code="tensorrt_unavailable")
-        buckets = manifest.buckets
+        names = manifest.buckets + ([DYNAMIC] if manifest.dynamic_profile is not None else [])
         return (
-            TrtDenoiser(_PlanRunner(folder / DENOISER_PLAN, buckets)),
-            TrtDecoder(_PlanRunner(folder / DECODER_PLAN, buckets)),
+            TrtDenoiser(_PlanRunner(folder / DENOISER_PLAN, names)),
+            TrtDecoder(_PlanRunner(folder / DECODER_PLAN, names)),
         )

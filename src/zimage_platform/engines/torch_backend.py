@@ -37,7 +37,7 @@ class TorchBackend:
     def unavailable_reason(self) -> str | None:
         return None
 
-    def build(self, pipe, folder: Path, profiles, *, precision: str) -> list[str]:
+    def build(self, pipe, folder: Path, profiles, *, precision: str, dynamic=None) -> list[str]:
         return []
 
     def load(self, pipe, folder: Path, manifest, *, threads: int):

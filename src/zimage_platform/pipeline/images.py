@@ -1,4 +1,4 @@
-"""Decoding caller-supplied images safely: size, format and pixel limits before any work.
+"""Images in and out: decoding caller-supplied images safely, and encoding results as PNG.
 
 A 50 KB PNG can declare 100k x 100k pixels and expand to 30 GB when decoded (a decompression
 bomb). We read the header first and refuse by declared dimensions, then decode.
@@ -7,9 +7,10 @@ bomb). We read the header first and refuse by declared dimensions, then decode.
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from zimage_platform.errors import InvalidRequest
 
@@ -57,3 +58,18 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits(), *, param: str
             return img.convert("RGB")
     except (OSError, Image.DecompressionBombError, ValueError) as exc:
         raise InvalidRequest(f"image could not be decoded ({exc})", code="image_unreadable", param=param) from None
+
+
+def encode_png(image: Image.Image, compress_level: int = 1, *, text: Mapping[str, str] | None = None) -> bytes:
+    """PNG bytes, with one ``tEXt`` chunk per ``text`` item (ComfyUI's ``prompt`` and
+    ``workflow``: what lets an image dragged into ComfyUI restore its workflow). Level 1 is ~5x
+    faster than PIL's default 6 for ~15% more bytes: CPU time on the serving path is worth more
+    than storage."""
+    info = None
+    if text:
+        info = PngImagePlugin.PngInfo()
+        for key, value in text.items():
+            info.add_text(key, value)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=compress_level, pnginfo=info)
+    return buf.getvalue()

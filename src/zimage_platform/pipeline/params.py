@@ -16,12 +16,18 @@ from PIL import Image
 from zimage_platform.errors import InvalidRequest
 from zimage_platform.pipeline.buckets import BucketSet
 from zimage_platform.pipeline.samplers import check_sampler
+from zimage_platform.pipeline.schedules import check_schedule
 from zimage_platform.pipeline.types import GenerationRequest, HiresFix
 
 if TYPE_CHECKING:
     from zimage_platform.config import VariantSpec
 
-MAX_SEED = 2**32 - 1
+#: Seeds span ComfyUI's range, 0 … 2**64 − 1; torch's generator takes them as they are
+#: (``manual_seed`` accepts unsigned 64-bit), so a seed means the same noise at any size.
+MAX_SEED = 2**64 - 1
+#: A seed drawn for a request that names none stays below 2**53, so JSON clients that read
+#: numbers as doubles (JavaScript) can send it back exactly.
+RANDOM_SEED_BOUND = 2**53
 MAX_IMAGES_PER_REQUEST = 16
 
 
@@ -37,11 +43,14 @@ class GenerationParams:
     guidance: float | None = None
     negative_prompt: str | None = None
     sampler: str | None = None
+    scheduler: str | None = None
     shift: float | None = None
     image: Image.Image | None = None
     strength: float | None = None
     hires_from: str | None = None
     hires_denoise: float | None = None
+    #: PNG text chunks for the images (ComfyUI prompts: ``prompt`` and ``workflow``).
+    png_text: dict[str, str] | None = None
 
 
 def resolve_requests(
@@ -74,12 +83,17 @@ def resolve_requests(
             f"guidance must be between 0 and {lim.max_guidance}", code="guidance_out_of_range", param="guidance"
         )
     sampler = check_sampler(params.sampler or d.sampler)
+    scheduler = check_schedule(params.scheduler or d.scheduler)
     shift = d.shift if params.shift is None else params.shift
     if not 0 < shift <= 20:
         raise InvalidRequest("shift must be in (0, 20]", code="shift_out_of_range", param="shift")
-    seed = secrets.randbelow(MAX_SEED + 1) if params.seed is None else params.seed
-    if not 0 <= seed <= MAX_SEED or seed + params.n - 1 > MAX_SEED:
-        raise InvalidRequest(f"seed must be between 0 and {MAX_SEED}", code="seed_out_of_range", param="seed")
+    seed = secrets.randbelow(RANDOM_SEED_BOUND) if params.seed is None else params.seed
+    if not 0 <= seed <= MAX_SEED - (params.n - 1):
+        raise InvalidRequest(
+            f"seed must be between 0 and {MAX_SEED - (params.n - 1)} (images get seed, seed+1, ...)",
+            code="seed_out_of_range",
+            param="seed",
+        )
 
     image, strength = params.image, 1.0
     if spec.mode == "img2img" and image is None:
@@ -128,10 +142,12 @@ def resolve_requests(
             guidance=guidance,
             negative_prompt=d.negative_prompt if params.negative_prompt is None else params.negative_prompt,
             sampler=sampler,
+            scheduler=scheduler,
             shift=shift,
             init_image=image,
             strength=strength,
             hires=hires,
+            png_text=params.png_text,
         )
         for i in range(params.n)
     ]

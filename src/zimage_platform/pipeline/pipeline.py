@@ -13,7 +13,6 @@ For a single Euler request the result is the same image ``ZImagePipeline.__call_
 
 from __future__ import annotations
 
-import io
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -25,6 +24,7 @@ from diffusers.pipelines.z_image.pipeline_z_image_img2img import retrieve_latent
 from PIL import Image
 
 from zimage_platform.errors import InvalidRequest
+from zimage_platform.pipeline.images import encode_png
 from zimage_platform.pipeline.prompt_cache import PromptEmbeddingCache
 from zimage_platform.pipeline.samplers import keep_rows, make_scheduler, noise_to, set_schedule
 from zimage_platform.pipeline.types import (
@@ -124,7 +124,7 @@ class ZImageBatchPipeline:
         # 2. The schedule, shared by the batch (that is what the batch key guarantees).
         scheduler = make_scheduler(key.sampler, key.shift, self.pipe.scheduler.config)
         h, w = key.size.latent_shape
-        timesteps = set_schedule(scheduler, key.steps, (h // 2) * (w // 2), self.device)
+        timesteps = set_schedule(scheduler, key.steps, (h // 2) * (w // 2), self.device, key.scheduler)
         if key.strength is not None:
             timesteps = self._start_at_strength(scheduler, timesteps, key.strength)
         else:
@@ -168,7 +168,8 @@ class ZImageBatchPipeline:
                 decoded = self.decode(latents)
             with timings.stage("png_encode"):
                 for j, image in zip(alive, decoded, strict=True):
-                    images[j], pngs[j] = image, encode_png(image, self.png_compress_level)
+                    images[j] = image
+                    pngs[j] = encode_png(image, self.png_compress_level, text=requests[j].png_text)
         return [
             GenerationResult(
                 request_id=r.request_id,
@@ -303,11 +304,3 @@ class ZImageBatchPipeline:
                 param="strength",
             )
         return key
-
-
-def encode_png(image: Image.Image, compress_level: int = 1) -> bytes:
-    """PNG bytes. Level 1 is ~5x faster than PIL's default 6 for ~15% more bytes: CPU time on the
-    serving path is worth more than storage."""
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", compress_level=compress_level)
-    return buf.getvalue()

@@ -28,6 +28,8 @@ class BatchKey(NamedTuple):
     shift: float
     #: ``None`` for text-to-image; the img2img strength otherwise (it cuts the schedule).
     strength: float | None
+    #: The sigma schedule's ComfyUI name (``simple``: the model's own).
+    scheduler: str = "simple"
 
 
 @dataclass(frozen=True)
@@ -48,11 +50,14 @@ class GenerationRequest:
     negative_prompt: str = ""
     sampler: str = "euler"
     shift: float = 3.0
+    scheduler: str = "simple"
     #: img2img / edit input, already decoded and checked; resized to ``size`` by the pipeline.
     init_image: Image.Image | None = None
     strength: float = 1.0
     hires: HiresFix | None = None
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    #: PNG text chunks to write into this image (a ComfyUI prompt's ``prompt`` and ``workflow``).
+    png_text: dict[str, str] | None = None
 
     @property
     def cfg(self) -> bool:
@@ -66,6 +71,7 @@ class GenerationRequest:
             sampler=self.sampler,
             shift=self.shift,
             strength=self.strength if self.init_image is not None else None,
+            scheduler=self.scheduler,
         )
 
 

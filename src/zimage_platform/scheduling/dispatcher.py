@@ -63,7 +63,9 @@ def pool_policies(config: PlatformConfig) -> list[PoolPolicy]:
 
         def max_batch(key: WorkKey) -> int:
             if key not in caps:
-                engine = config.variant(key.variant).batch.for_bucket(Resolution.parse(key.size))
+                engine = config.variant(key.variant).max_batch(
+                    Resolution.parse(key.size), config.buckets_for(key.variant)
+                )
                 cap = pool.batch_cap(key.size)
                 caps[key] = min(engine, cap) if cap else engine
             return caps[key]

@@ -62,6 +62,7 @@ def work_key(row: JobRow) -> WorkKey:
         shift=p["shift"],
         strength=p["strength"] if p.get("input_key") else None,
         hires=(p["hires_from"], p["hires_denoise"]) if p.get("hires_from") else None,
+        scheduler=p.get("scheduler", "simple"),
     )
 
 
@@ -326,6 +327,7 @@ class SchedulerService:
                     created_at=row.created_at,
                     trace_id=row.trace_id,
                     trace_context=row.params.get("trace_context", {}),
+                    png_text=row.params.get("png_text"),
                     enqueued_at=now,
                     enqueued_wall_ns=time.time_ns(),
                     deadline=deadline,
@@ -516,7 +518,8 @@ class SchedulerService:
                 with span("ledger_write", job_id=item.job_id, image_index=item.index):
                     if await asyncio.to_thread(self.store.record_image, item.job_id, item.index, stored, entry):
                         metrics().ledger_rows.inc(variant=batch.variant, pool=batch.pool)
-                        metrics().images.inc(variant=batch.variant, bucket=batch.key.size, pool=batch.pool)
+                        bucket = self.config.buckets_for(batch.variant).label(batch.key.size)
+                        metrics().images.inc(variant=batch.variant, bucket=bucket, pool=batch.pool)
                 active.remaining.discard(item.index)
                 done += 1
             elif result.status == "failed":

@@ -13,8 +13,9 @@ PRIORITY_CLASSES: tuple[str, ...] = ("realtime", "standard", "bulk")
 class WorkKey(NamedTuple):
     """Items with equal keys can be denoised in one batch on one engine.
 
-    The pipeline's own batch key (size, steps, CFG on/off, sampler, shift, img2img strength)
-    plus what selects the engine (variant) and the two-pass hires-fix shape.
+    The pipeline's own batch key (size, steps, CFG on/off, sampler, shift, img2img strength,
+    sigma schedule) plus what selects the engine (variant) and the two-pass hires-fix shape.
+    A size outside the buckets is a key of its own: it batches only with that size.
     """
 
     variant: str
@@ -25,6 +26,7 @@ class WorkKey(NamedTuple):
     shift: float
     strength: float | None
     hires: tuple[str, float] | None
+    scheduler: str = "simple"
 
 
 @dataclass
@@ -46,6 +48,8 @@ class WorkItem:
     trace_id: str | None = None
     #: W3C trace context of the request that created the job (carried, never global).
     trace_context: dict[str, str] = field(default_factory=dict)
+    #: PNG text chunks for the image (a ComfyUI prompt's ``prompt`` and ``workflow``).
+    png_text: dict[str, str] | None = None
     #: Scheduler clock (seconds) when it entered the queue, and its queue deadline.
     enqueued_at: float = 0.0
     #: Wall clock (ns) when it entered the queue: the start of its "queue wait" span.

@@ -17,7 +17,7 @@ from opentelemetry import context as otel_context
 
 from zimage_platform.engines.engine import PipelineEngine
 from zimage_platform.errors import PlatformError
-from zimage_platform.pipeline.buckets import Resolution
+from zimage_platform.pipeline.buckets import BucketSet, Resolution
 from zimage_platform.pipeline.images import ImageLimits, decode_image
 from zimage_platform.pipeline.types import GenerationRequest, GenerationResult, HiresFix, StepEvent
 from zimage_platform.scheduling.work import Batch, BatchOutcome, ItemOutcome, Progress, WorkItem
@@ -38,22 +38,24 @@ def to_request(item: WorkItem, init_image=None) -> GenerationRequest:
         guidance=item.guidance,
         negative_prompt=item.negative_prompt,
         sampler=key.sampler,
+        scheduler=key.scheduler,
         shift=key.shift,
         init_image=init_image,
         strength=key.strength if key.strength is not None else 1.0,
         hires=HiresFix(Resolution.parse(key.hires[0]), key.hires[1]) if key.hires else None,
         request_id=item.item_id,
+        png_text=item.png_text,
     )
 
 
-def report_stages(results: list[GenerationResult], variant: str) -> None:
+def report_stages(results: list[GenerationResult], variant: str, sizes: BucketSet) -> None:
     """The engine stages (text encode, denoise with its steps, decode, PNG) as spans and stage
     metrics, from the pipeline's own wall-clock marks (the pipeline stays free of telemetry code)."""
     passes = next((r.passes for r in results if r.passes), [])
     for timing in passes:
         for mark in timing.marks:
             seconds = (mark.end_ns - mark.start_ns) / 1e9
-            metrics().stage_seconds.observe(seconds, stage=mark.name, variant=variant, bucket=str(timing.size))
+            metrics().stage_seconds.observe(seconds, stage=mark.name, variant=variant, bucket=sizes.label(timing.size))
             started = tracer().start_span(
                 mark.name,
                 start_time=mark.start_ns,
@@ -126,7 +128,7 @@ class EngineRunner:
                 start = time.perf_counter()
                 results = self.engine.run(requests, on_progress, lambda rid: rid in self.cancelled) if requests else []
                 engine_s = time.perf_counter() - start
-                report_stages(results, batch.variant)
+                report_stages(results, batch.variant, self.engine.sizes)
                 items = {i.item_id: i for i in batch.items}
                 for result in results:
                     outcomes[result.request_id] = self._store(items[result.request_id], result, batch)

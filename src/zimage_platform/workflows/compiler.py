@@ -22,6 +22,7 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from zimage_platform.pipeline.buckets import Resolution
 from zimage_platform.pipeline.params import GenerationParams
 from zimage_platform.workflows.nodes import NODES, SAMPLER_NODES, SAMPLERS, Catalog
 from zimage_platform.workflows.validation import (
@@ -38,6 +39,8 @@ if TYPE_CHECKING:
 LATENTS = frozenset({"EmptyLatentImage", "EmptySD3LatentImage"})
 IMAGE_SCALES = frozenset({"ImageScale", "ImageScaleBy"})
 LATENT_SCALES = frozenset({"LatentUpscale", "LatentUpscaleBy"})
+#: Output nodes that write to the tenant's output folder under a ``filename_prefix``.
+SAVE_NODES = frozenset({"SaveImage", "SaveImageAdvanced"})
 
 
 class NodeFailure(Exception):
@@ -192,22 +195,26 @@ class _Compiler:
         return _Model(variant, checkpoint, None, (node, field_name), None)
 
     def component(self, node: str, kind: str, model: _Model) -> None:
-        """A text encoder or VAE must belong to the checkpoint the model comes from."""
+        """A text encoder or VAE must be one of the model's variant or its checkpoint's."""
         cls = self.cls(node)
         if cls == "CheckpointLoaderSimple":
             name_field, folder = "ckpt_name", "checkpoints"
         else:
             name_field, folder = ("clip_name", "text_encoders") if kind == "CLIP" else ("vae_name", "vae")
-        _, checkpoint = self.catalog.models[self.val(node, name_field)]
-        if checkpoint != model.checkpoint:
-            fits = [n for n in self.catalog.lists[folder] if self.catalog.models[n][1] == model.checkpoint]
+
+        def fits(name: str) -> bool:
+            owners = self.catalog.files.get((folder, name), [])
+            return any(v == model.variant or c == model.checkpoint for v, c in owners)
+
+        if not fits(self.val(node, name_field)):
+            fits_list = [n for n in self.catalog.lists[folder] if fits(n)]
             raise _fail(
                 node,
                 name_field,
                 f"{self.val(node, name_field)} belongs to another checkpoint than the model "
                 f"z_image_{model.variant}; a variant runs with its own text encoder and VAE",
                 code="component_mismatch",
-                choices=fits,
+                choices=fits_list,
             )
 
     def conditioning(self, node: str, model: _Model) -> tuple[str | None, str]:
@@ -287,11 +294,14 @@ class _Compiler:
         return node, scales
 
     def scaled(self, size: tuple[int, int], scale_node: str) -> tuple[tuple[int, int], ImageOp]:
+        """The image size after ``scale_node``, refused (on that node) when it is larger than the
+        platform's image limit: every intermediate size is checked, not only the last."""
         w, h = size
         method = self.val(scale_node, "upscale_method")
         if self.cls(scale_node) == "ImageScaleBy":
             factor = float(self.val(scale_node, "scale_by"))
             target = (max(1, round(w * factor)), max(1, round(h * factor)))
+            self.check_image_size(target, scale_node, "scale_by")
             return target, ImageOp(scale_node, method, *target)
         tw, th = int(self.val(scale_node, "width")), int(self.val(scale_node, "height"))
         if tw == 0 and th == 0:
@@ -300,7 +310,19 @@ class _Compiler:
             tw = max(1, round(w * th / h))
         elif th == 0:
             th = max(1, round(h * tw / w))
+        self.check_image_size((tw, th), scale_node, "width")
         return (tw, th), ImageOp(scale_node, method, tw, th, self.val(scale_node, "crop"))
+
+    def check_image_size(self, size: tuple[int, int], node: str, input_name: str) -> None:
+        limit = self.config.limits.max_input_image_pixels
+        if size[0] * size[1] > limit:
+            raise _fail(
+                node,
+                input_name,
+                f"this makes a {size[0]}x{size[1]} image ({size[0] * size[1]} pixels); images in a workflow may "
+                f"have at most {limit} pixels",
+                code="image_too_many_pixels",
+            )
 
     def latent_scaled(self, size: tuple[int, int], node: str) -> tuple[int, int]:
         """ComfyUI scales latents in 8-pixel cells (``LatentUpscale`` floors, ``...By`` rounds)."""
@@ -329,17 +351,20 @@ class _Compiler:
         return tw // 8 * 8, th // 8 * 8
 
     def bucket(self, variant: str, size: tuple[int, int], node: str, input_name: str) -> str:
-        text = f"{size[0]}x{size[1]}"
-        buckets = self.config.buckets_for(variant)
-        if text not in buckets.names:
+        """``WIDTHxHEIGHT`` when the variant runs that size (a bucket, or any size its rule
+        allows); a node error with the rule and the buckets otherwise."""
+        sizes = self.config.buckets_for(variant)
+        res = Resolution(*size)
+        if not sizes.allows(res):
+            rule = sizes.rule.describe() if sizes.rule else "one of the buckets"
             raise _fail(
                 node,
                 input_name,
-                f"{text} is not a resolution bucket of z_image_{variant}; the platform never resizes silently",
+                f"{res} is not a size z_image_{variant} runs ({rule}); the platform never resizes silently",
                 code="unsupported_size",
-                choices=buckets.names,
+                choices=sizes.names,
             )
-        return text
+        return str(res)
 
     # -- one output -----------------------------------------------------------------------
 
@@ -360,7 +385,7 @@ class _Compiler:
                 "the images must come from a VAEDecode of a KSampler: the platform runs generation graphs",
                 code="no_generation",
             )
-        if self.cls(output) == "SaveImage":
+        if self.cls(output) in SAVE_NODES:
             prefix = str(self.val(output, "filename_prefix"))
             parts = prefix.replace("\\", "/").split("/")
             if not prefix.strip() or prefix.startswith("/") or ".." in parts or len(prefix) > 200:
@@ -433,6 +458,7 @@ class _Compiler:
             "steps": (s.node, "steps"),
             "guidance": (s.node, "cfg"),
             "sampler": (s.node, "sampler_name"),
+            "scheduler": (s.node, "scheduler"),
             "prompt": (s.positive[1], "text"),
             "negative_prompt": (s.negative[1], "text" if s.negative[0] is not None else "conditioning"),
             "strength": (s.node, s.partial_input),
@@ -457,6 +483,7 @@ class _Compiler:
             )
         params.seed, params.guidance = s.seed, round(s.cfg - 1.0, 6)
         params.sampler, params.shift = SAMPLERS[s.sampler], m.shift
+        params.scheduler = s.scheduler
         params.prompt = s.positive[0] or ""
         params.negative_prompt = s.negative[0] if s.negative[0] is not None else ""
         return PlannedJob(s.node, m.variant, params, provenance=provenance, passes={pass_name: s.node})

@@ -12,17 +12,28 @@ ComfyUI's own ``value_not_in_list`` node error, which names the supported values
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from zimage_platform.pipeline.schedules import SCHEDULES
+
 #: ComfyUI's largest width/height.
 MAX_RESOLUTION = 16384
-#: The platform's seeds are 32-bit (ComfyUI's are 64-bit): larger seeds are refused, not folded.
-MAX_SEED = 2**32 - 1
+#: ComfyUI's seed range, 0 … 2**64 − 1 (``0xffffffffffffffff``); the engines take it as is.
+MAX_SEED = 2**64 - 1
 #: ComfyUI sampler name → platform sampler (the flow-matching samplers the engines run).
-SAMPLERS = {"euler": "euler", "dpmpp_2m": "dpmpp_2m", "uni_pc": "unipc"}
-#: The flow-matching schedule the engines use is ComfyUI's "simple" (shifted, linear in t).
-SCHEDULERS = ("simple",)
+SAMPLERS = {
+    "euler": "euler",
+    "dpmpp_2m": "dpmpp_2m",
+    "res_multistep": "res_multistep",
+    "ddim": "ddim",
+    "uni_pc": "unipc",
+    "uni_pc_bh2": "unipc",
+}
+#: ComfyUI's sigma schedules for the model's flow sampling (pipeline/schedules.py).
+SCHEDULERS = SCHEDULES
 IMAGE_SCALE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic", "lanczos")
 LATENT_SCALE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic", "bislerp")
 CROP_METHODS = ("disabled", "center")
@@ -64,6 +75,9 @@ class NodeSpec:
     hidden: tuple[tuple[str, str], ...] = ()
     #: Checked by the node itself (ComfyUI's VALIDATE_INPUTS): no list check, a custom check.
     self_validated: tuple[str, ...] = ()
+    #: A node the platform computes while validating (its outputs are values, e.g. a width for
+    #: a latent's widget): widget values → outputs.
+    evaluate: Callable[[dict[str, Any]], tuple[Any, ...]] | None = None
 
     def input(self, name: str) -> InputSpec | None:
         return next((i for i in self.inputs if i.name == name), None)
@@ -74,8 +88,11 @@ class Catalog:
     """What this deployment and tenant offer by name: model files and uploaded images."""
 
     lists: dict[str, list[str]] = field(default_factory=dict)
-    #: Model file name → (variant, checkpoint) for every model list.
+    #: Diffusion model / checkpoint file name → the (variant, checkpoint) it selects.
     models: dict[str, tuple[str, str]] = field(default_factory=dict)
+    #: (folder, file name) → every (variant, checkpoint) that lists it (text encoders and VAEs
+    #: may be shared by several variants).
+    files: dict[tuple[str, str], list[tuple[str, str]]] = field(default_factory=dict)
     #: Uploaded image name (``sub/name.png`` or ``name.png``) → (width, height).
     images: dict[str, tuple[int, int]] = field(default_factory=dict)
 
@@ -93,6 +110,38 @@ def _combo(name: str, choices: tuple[str, ...] = (), *, source: str | None = Non
 
 
 _SEED = {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True}
+#: ComfyUI's ResolutionSelector aspect ratios (comfy_extras/nodes_resolution.py), in its order.
+ASPECT_RATIOS = {
+    "1:1 (Square)": (1, 1),
+    "3:2 (Photo)": (3, 2),
+    "4:3 (Standard)": (4, 3),
+    "16:9 (Widescreen)": (16, 9),
+    "21:9 (Ultrawide)": (21, 9),
+    "2:3 (Portrait Photo)": (2, 3),
+    "3:4 (Portrait Standard)": (3, 4),
+    "9:16 (Portrait Widescreen)": (9, 16),
+}
+
+
+def resolution(values: dict[str, Any]) -> tuple[int, int]:
+    """ResolutionSelector: the width and height of ``megapixels`` at ``aspect_ratio``, each a
+    multiple of ``multiple``; scaled up (keeping the ratio) when a side is under ``minimum``."""
+    rw, rh = ASPECT_RATIOS[values["aspect_ratio"]]
+    multiple, minimum = int(values["multiple"]), int(values["minimum"])
+    scale = math.sqrt(float(values["megapixels"]) * 1024 * 1024 / (rw * rh))
+    width, height = round(rw * scale / multiple) * multiple, round(rh * scale / multiple) * multiple
+    if width < minimum or height < minimum:
+        step_w, step_h = multiple // math.gcd(rw, multiple), multiple // math.gcd(rh, multiple)
+        step = step_w * step_h // math.gcd(step_w, step_h)
+        k = math.ceil(math.ceil(max(minimum / rw, minimum / rh)) / step) * step
+        width, height = rw * k, rh * k
+    return width, height
+
+
+def _value(values: dict[str, Any]) -> tuple[Any]:
+    return (values["value"],)
+
+
 _STEPS = {"default": 20, "min": 1, "max": 10000}
 #: cfg 1 means "no guidance" (ComfyUI skips the negative pass too); below 1 has no platform meaning.
 _CFG = {"default": 1.0, "min": 1.0, "max": 100.0, "step": 0.1, "round": 0.01}
@@ -204,7 +253,7 @@ NODES: dict[str, NodeSpec] = {
             "sampling",
             (
                 _i("model", "MODEL", tooltip="The model used for denoising the input latent."),
-                _i("seed", "INT", **_SEED, tooltip="The random seed used for creating the noise (32-bit)."),
+                _i("seed", "INT", **_SEED, tooltip="The random seed used for creating the noise."),
                 _i("steps", "INT", **_STEPS, tooltip="The number of steps used in the denoising process."),
                 _i("cfg", "FLOAT", **_CFG, tooltip="Classifier-free guidance scale; 1 disables guidance."),
                 _combo("sampler_name", tuple(SAMPLERS), tooltip="The flow-matching sampler."),
@@ -343,12 +392,54 @@ NODES: dict[str, NodeSpec] = {
             hidden=_SAVE_HIDDEN,
         ),
         NodeSpec(
+            "SaveImageAdvanced",
+            "Save Image (Advanced)",
+            "image",
+            (
+                _i("images", "IMAGE", tooltip="The images to save."),
+                _i(
+                    "filename_prefix",
+                    "STRING",
+                    default="ComfyUI",
+                    tooltip="The prefix for the file to save; may hold a subfolder and %date:yyyy-MM-dd%.",
+                ),
+                # ComfyUI's DynamicCombo ``format``: its option's inputs are widgets named
+                # ``format.<input>``; the platform writes 8-bit sRGB PNGs only.
+                _combo("format", ("png",), tooltip="The file format in which to save the image."),
+                _combo("format.bit_depth", ("8-bit",), advanced=True),
+                _combo("format.input_color_space", ("sRGB",), advanced=True),
+            ),
+            ("IMAGE",),
+            output_names=("images",),
+            description="Saves the input images to the tenant's output folder (in S3).",
+            output_node=True,
+            python_module="comfy_extras.nodes_images",
+            hidden=_SAVE_HIDDEN,
+        ),
+        NodeSpec(
+            "ResolutionSelector",
+            "Resolution Selector",
+            "utilities",
+            (
+                _combo("aspect_ratio", tuple(ASPECT_RATIOS), default="1:1 (Square)"),
+                _i("megapixels", "FLOAT", default=1.0, min=0.1, max=16.0, step=0.1),
+                _i("multiple", "INT", default=8, min=8, max=128, step=4, advanced=True),
+                _i("minimum", "INT", default=256, min=32, max=4096, step=32, advanced=True),
+            ),
+            ("INT", "INT"),
+            output_names=("width", "height"),
+            description="Calculate width and height from aspect ratio and megapixel target.",
+            python_module="comfy_extras.nodes_resolution",
+            evaluate=resolution,
+        ),
+        NodeSpec(
             "PrimitiveInt",
             "Int",
             "utils/primitive",
             (_i("value", "INT", min=-(2**63) + 1, max=2**63 - 1, control_after_generate=True),),
             ("INT",),
             python_module="comfy_extras.nodes_primitive",
+            evaluate=_value,
         ),
         NodeSpec(
             "PrimitiveFloat",
@@ -357,6 +448,7 @@ NODES: dict[str, NodeSpec] = {
             (_i("value", "FLOAT", min=-(2**63) + 1, max=2**63 - 1),),
             ("FLOAT",),
             python_module="comfy_extras.nodes_primitive",
+            evaluate=_value,
         ),
         NodeSpec(
             "PrimitiveString",
@@ -365,6 +457,7 @@ NODES: dict[str, NodeSpec] = {
             (_i("value", "STRING"),),
             ("STRING",),
             python_module="comfy_extras.nodes_primitive",
+            evaluate=_value,
         ),
         NodeSpec(
             "PrimitiveStringMultiline",
@@ -373,6 +466,7 @@ NODES: dict[str, NodeSpec] = {
             (_i("value", "STRING", multiline=True),),
             ("STRING",),
             python_module="comfy_extras.nodes_primitive",
+            evaluate=_value,
         ),
         NodeSpec(
             "PrimitiveBoolean",
@@ -381,11 +475,14 @@ NODES: dict[str, NodeSpec] = {
             (_i("value", "BOOLEAN"),),
             ("BOOLEAN",),
             python_module="comfy_extras.nodes_primitive",
+            evaluate=_value,
         ),
     )
 }
 
 PRIMITIVES = frozenset(n for n in NODES if n.startswith("Primitive"))
+#: Nodes whose outputs the platform computes while validating (primitives, ResolutionSelector).
+COMPUTED = frozenset(n for n, spec in NODES.items() if spec.evaluate is not None)
 SAMPLER_NODES = frozenset({"KSampler", "KSamplerAdvanced"})
 OUTPUT_NODES = frozenset(n for n, spec in NODES.items() if spec.output_node)
 

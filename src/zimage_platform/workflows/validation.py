@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from zimage_platform.workflows.nodes import NODES, PRIMITIVES, SCALAR_TYPES, Catalog, InputSpec, input_config
+from zimage_platform.workflows.nodes import NODES, SCALAR_TYPES, Catalog, InputSpec, input_config
 
 
 def comfy_error(type_: str, message: str, details: str = "", **extra_info: Any) -> dict[str, Any]:
@@ -254,9 +254,12 @@ class _Validator:
             return False, None, _UNSET
         if not ok:
             return False, None, _UNSET
-        if prompt[source]["class_type"] in PRIMITIVES and item.type in SCALAR_TYPES:
-            # A widget fed by a primitive node: its value must pass the widget's own checks too.
-            error, coerced = self._widget(prompt[node_id]["class_type"], item, self.graph.values[source]["value"])
+        source_spec = NODES[prompt[source]["class_type"]]
+        if source_spec.evaluate is not None and item.type in SCALAR_TYPES:
+            # A widget fed by a node the platform computes (a primitive, ResolutionSelector): the
+            # value must pass the widget's own checks too.
+            computed = source_spec.evaluate(self.graph.values[source])[slot]
+            error, coerced = self._widget(prompt[node_id]["class_type"], item, computed)
             if error is not None:
                 return False, error, _UNSET
             return True, None, coerced

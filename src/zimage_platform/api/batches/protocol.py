@@ -19,7 +19,8 @@ class BatchDefaults(BaseModel):
     guidance: float | None = None
     negative_prompt: str | None = None
     sampler: str | None = None
-    seed: int | None = Field(None, ge=0, le=2**32 - 1)
+    scheduler: str | None = None
+    seed: int | None = Field(None, ge=0, le=2**64 - 1)
 
 
 class BatchRequest(BaseModel):

@@ -23,7 +23,7 @@ from zimage_platform.scheduling.store import NewJob, new_id
 from zimage_platform.telemetry.context import RequestTrace
 from zimage_platform.tenancy import TenantSpec
 
-OVERRIDES = ("variant", "size", "seed", "steps", "guidance", "negative_prompt", "sampler", "n")
+OVERRIDES = ("variant", "size", "seed", "steps", "guidance", "negative_prompt", "sampler", "scheduler", "n")
 _FORMATTER = string.Formatter()
 
 
@@ -92,6 +92,7 @@ def row_params(request: BatchRequest, row: dict[str, Any]) -> tuple[str, Generat
         guidance=_number(row, "guidance", float) if row.get("guidance") not in (None, "") else d.guidance,
         negative_prompt=str(row.get("negative_prompt") or d.negative_prompt or "") or None,
         sampler=str(row.get("sampler") or d.sampler or "") or None,
+        scheduler=str(row.get("scheduler") or d.scheduler or "") or None,
     )
 
 

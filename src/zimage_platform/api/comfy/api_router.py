@@ -242,7 +242,7 @@ async def view(
     if found is None:
         return Response(status_code=404)
     data, name = found
-    body, media_type = convert_view(data, name, preview, channel)
+    body, media_type = await asyncio.to_thread(convert_view, data, name, preview, channel)  # Pillow
     return Response(body, media_type=media_type, headers={"Content-Disposition": f'filename="{name}"'})
 
 

@@ -47,6 +47,7 @@ from zimage_platform.telemetry.context import RequestTrace
 from zimage_platform.tenancy import TenantSpec
 from zimage_platform.workflows import CompiledPrompt, PlannedJob, PromptRejected, compile_prompt, object_info
 from zimage_platform.workflows.catalog import MODEL_FOLDERS
+from zimage_platform.workflows.compiler import SAVE_NODES
 from zimage_platform.workflows.models import ComfyFileRow, ComfyPromptRow
 from zimage_platform.workflows.store import ComfyStore, Upload, content_hash
 from zimage_platform.workflows.validation import comfy_error
@@ -214,6 +215,25 @@ def format_prefix(prefix: str, width: int, height: int, now: datetime | None = N
     text = text.replace("%hour%", f"{now:%H}").replace("%minute%", f"{now:%M}").replace("%second%", f"{now:%S}")
     subfolder, _, name = text.replace("\\", "/").rpartition("/")
     return subfolder.strip("/"), name or "ComfyUI"
+
+
+def output_name(node_class: str, prefix: str, counter: int, batch_number: int) -> str:
+    """ComfyUI's file name for an output image (``%batch_num%`` in the prefix is the image's
+    index in the batch): SaveImage and PreviewImage write ``prefix_00001_.png``,
+    SaveImageAdvanced ``prefix_00001.png``."""
+    name = prefix.replace("%batch_num%", str(batch_number))
+    return f"{name}_{counter:05}.png" if node_class == "SaveImageAdvanced" else f"{name}_{counter:05}_.png"
+
+
+def png_text(prompt: Any, extra_data: dict[str, Any]) -> dict[str, str]:
+    """The PNG text chunks ComfyUI's SaveImage writes: ``prompt`` (the API prompt as JSON) and one
+    per ``extra_data.extra_pnginfo`` key (the frontend sends ``workflow``), so an image dragged
+    back into ComfyUI restores the prompt and its workflow."""
+    text = {"prompt": json.dumps(prompt)}
+    extra = extra_data.get("extra_pnginfo")
+    if isinstance(extra, dict):
+        text.update({str(key): json.dumps(value) for key, value in extra.items()})
+    return text
 
 
 def _temp_prefix() -> str:
@@ -399,6 +419,9 @@ class ComfyService:
             compiled = compile_prompt(graph, catalog, self.services.config)
         except PromptRejected as exc:
             raise ComfyError(400, exc.body()) from None
+        text = png_text(graph, extra_data)
+        for planned in compiled.jobs:
+            planned.params.png_text = text
         prepared = await prepare_jobs(self.services, tenant, self.store, compiled, source="comfy", trace=trace)
         accepted = self._drop_rejected(compiled, prepared)
         files, plan = await self._outputs(tenant, compiled, accepted, prompt_id)
@@ -489,7 +512,8 @@ class ComfyService:
             width, height = (int(v) for v in job.params["size"].split("x"))
             outputs: dict[str, list[dict[str, Any]]] = {}
             for node in planned.outputs:
-                if graph.class_of(node) == "SaveImage":
+                cls = graph.class_of(node)
+                if cls in SAVE_NODES:
                     type_ = "output"
                     subfolder, prefix = format_prefix(str(graph.values[node]["filename_prefix"]), width, height)
                 else:
@@ -498,7 +522,7 @@ class ComfyService:
                 first = await asyncio.to_thread(self.store.take, tenant.id, f"file:{type_}:{subfolder}/{prefix}", n)
                 outputs[node] = []
                 for index in range(n):
-                    name = f"{prefix}_{first + index:05}_.png"
+                    name = output_name(cls, prefix, first + index, index)
                     outputs[node].append({"filename": name, "subfolder": subfolder, "type": type_, "index": index})
                     files.append(
                         ComfyFileRow(
@@ -588,7 +612,7 @@ class ComfyService:
         if subfolder:
             _check_path(subfolder)
         try:
-            image = decode_image(data, image_limits(self.services), param="image")
+            image = await asyncio.to_thread(decode_image, data, image_limits(self.services), param="image")
         except PlatformError as exc:
             status = 413 if exc.code == "image_too_large" else 400
             raise ComfyError(status, ComfyError.from_platform(exc).body) from None

@@ -14,7 +14,11 @@ class ImageGenerationRequest(BaseModel):
     prompt: str
     model: str | None = Field(None, description="z-image-turbo (default), z-image-base, or a variant name.")
     n: int = Field(1, ge=1, le=16)
-    size: str | None = Field(None, description="WIDTHxHEIGHT (a bucket) or 'auto' (the variant's default).")
+    size: str | None = Field(
+        None,
+        description="WIDTHxHEIGHT or 'auto' (the variant's default): a bucket (fast path) or any size with "
+        "sides multiples of 16 within the variant's limits (GET /v1/models).",
+    )
     response_format: Literal["url", "b64_json"] = "url"
     user: str | None = Field(None, max_length=256, description="Your end user's id (recorded, not used).")
     output_format: Literal["png"] = "png"
@@ -25,10 +29,11 @@ class ImageGenerationRequest(BaseModel):
     stream: Literal[False] = False
     # -- platform extensions (send with the openai client's extra_body) --
     negative_prompt: str | None = None
-    seed: int | None = Field(None, ge=0, le=2**32 - 1)
+    seed: int | None = Field(None, ge=0, le=2**64 - 1)
     steps: int | None = None
     guidance: float | None = None
     sampler: str | None = None
+    scheduler: str | None = Field(None, description="Sigma schedule by ComfyUI name (default simple).")
     shift: float | None = None
     variant: str | None = None
 

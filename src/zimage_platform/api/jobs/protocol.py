@@ -21,12 +21,23 @@ class JobRequest(BaseModel):
     variant: str = Field("turbo", description="turbo, base or edit (see GET /v1/models).")
     prompt: str = Field(description="What to draw or how to edit; any language.")
     negative_prompt: str | None = None
-    size: str | None = Field(None, description="WIDTHxHEIGHT, one of the variant's buckets.")
+    size: str | None = Field(
+        None,
+        description="WIDTHxHEIGHT: one of the variant's buckets (fast path), or any size with sides multiples of "
+        "16 within the variant's limits.",
+    )
     n: int = Field(1, ge=1, le=16)
-    seed: int | None = Field(None, ge=0, le=2**32 - 1, description="Images get seed, seed+1, ...")
+    seed: int | None = Field(None, ge=0, le=2**64 - 1, description="Images get seed, seed+1, ... (64-bit)")
     steps: int | None = None
     guidance: float | None = None
-    sampler: str | None = Field(None, description="euler, dpmpp_2m or unipc.")
+    sampler: str | None = Field(
+        None, description="euler (default), res_multistep, dpmpp_2m, unipc or ddim (see GET /v1/models)."
+    )
+    scheduler: str | None = Field(
+        None,
+        description="Sigma schedule by ComfyUI name: simple (default), sgm_uniform, karras, exponential, "
+        "ddim_uniform, beta, normal, linear_quadratic, kl_optimal.",
+    )
     shift: float | None = None
     image_url: str | None = Field(
         None, description="Input image for edits: https://... or s3://<results bucket>/tenants/<you>/..."

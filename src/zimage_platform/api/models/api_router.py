@@ -9,6 +9,8 @@ from fastapi import APIRouter
 from zimage_platform.api.deps import Services, Tenant
 from zimage_platform.api.images.serving import MODEL_ALIASES
 from zimage_platform.engines.engine import BACKENDS
+from zimage_platform.pipeline.samplers import SAMPLERS
+from zimage_platform.pipeline.schedules import SCHEDULES
 
 router = APIRouter(prefix="/v1", tags=["models"])
 
@@ -37,7 +39,9 @@ async def list_models(services: Services, tenant: Tenant) -> dict[str, Any]:
                 "precision": spec.precision,
                 "defaults": spec.defaults.model_dump(),
                 "limits": spec.limits.model_dump(),
-                "samplers": ["euler", "dpmpp_2m", "unipc"],
+                "samplers": list(SAMPLERS),
+                "schedulers": list(SCHEDULES),
+                "sizes": config.buckets_for(name).rule.describe(),
                 "pools": [p for p in config.pools if name in config.pool_variants(p)],
             }
         )

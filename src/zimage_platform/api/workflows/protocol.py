@@ -38,7 +38,10 @@ class ParameterSpec(BaseModel):
 
 class WorkflowPut(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    graph: dict[str, Any] = Field(description="An API-format ComfyUI graph (node id → {class_type, inputs}).")
+    graph: dict[str, Any] = Field(
+        description="An API-format ComfyUI graph (node id → {class_type, inputs}), or a UI-format workflow "
+        "(as ComfyUI saves it: nodes, links, subgraphs), converted to API format as ComfyUI's frontend does."
+    )
     parameters: dict[str, ParameterSpec] = Field(default_factory=dict)
     description: str | None = Field(None, max_length=2000)
 

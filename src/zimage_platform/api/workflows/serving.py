@@ -1,5 +1,9 @@
 """Saved workflows: a tenant's API-format graphs with named parameters, run as platform jobs.
 
+A graph may also be PUT in ComfyUI's UI format (a saved workflow, a template): it is converted
+to the API format as ComfyUI's frontend does (``workflows/ui_format.py``), and the API graph is
+what is stored, shown and run (parameters name its node ids; a subgraph's are ``"57:3"``).
+
 "Design once, run many times": a team keeps a ComfyUI workflow in git, PUTs it with the
 inputs it wants to vary (``prompt`` → ``["6", "inputs", "text"]``, ``seed``, ``size`` ...), and
 each run is one platform job — the same job ``POST /v1/jobs`` creates, compiled by the same
@@ -21,9 +25,10 @@ from zimage_platform.errors import InvalidRequest, PlatformError
 from zimage_platform.pipeline.buckets import Resolution
 from zimage_platform.telemetry.context import RequestTrace
 from zimage_platform.tenancy import TenantSpec
-from zimage_platform.workflows import NODES, CompiledPrompt, PromptRejected, compile_prompt
+from zimage_platform.workflows import NODES, CompiledPrompt, PromptRejected, compile_prompt, object_info
 from zimage_platform.workflows.models import WorkflowRow
 from zimage_platform.workflows.store import ComfyStore, WorkflowNotFound, WorkflowStore
+from zimage_platform.workflows.ui_format import is_ui_workflow, ui_to_api
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _TYPES = {"INT": "int", "FLOAT": "float", "STRING": "string", "COMBO": "string", "BOOLEAN": "bool"}
@@ -210,13 +215,14 @@ class WorkflowService:
     async def put(self, tenant: TenantSpec, name: str, body: WorkflowPut) -> tuple[dict[str, Any], bool]:
         """Validate (parameters name widget inputs; the graph compiles to one job), then version."""
         _check_name(name)
-        parameters = check_parameters(body.graph, body.parameters)
         catalog = await catalog_for(self.services, tenant, self.files)
+        graph = body.graph
+        if is_ui_workflow(graph):  # as ComfyUI saves it: convert as its frontend does, keep the API graph
+            graph = await asyncio.to_thread(ui_to_api, graph, object_info(catalog))
+        parameters = check_parameters(graph, body.parameters)
         fed = {(p[0], p[2]): n for n, spec in body.parameters.items() for p in spec.targets()}
-        compile_one(self.services, body.graph, catalog, fed)
-        row, created = await asyncio.to_thread(
-            self.store.put, tenant.id, name, body.graph, parameters, body.description
-        )
+        compile_one(self.services, graph, catalog, fed)
+        row, created = await asyncio.to_thread(self.store.put, tenant.id, name, graph, parameters, body.description)
         return self.view(row, await asyncio.to_thread(self.store.versions, tenant.id, name)), created
 
     async def _row(self, tenant: TenantSpec, name: str, version: int | None = None) -> WorkflowRow:

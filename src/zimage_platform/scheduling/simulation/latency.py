@@ -272,11 +272,21 @@ class MeasuredLatency:
         slope = max(slope, 0.0)
         return max(my - slope * mx, 0.0), slope
 
+    def line(self, size: str) -> tuple[float, float]:
+        """The measured line of ``size``; a size without a measurement (one outside the buckets)
+        takes the measured size nearest in pixels, scaled by the pixel ratio (the denoiser's cost
+        grows about linearly with its tokens at these sizes)."""
+        line = self._lines.get(size)
+        if line is not None:
+            return line
+        pixels = Resolution.parse(size).pixels
+        nearest = min(self._lines, key=lambda s: (abs(Resolution.parse(s).pixels - pixels), s))
+        ratio = pixels / Resolution.parse(nearest).pixels
+        intercept, slope = self._lines[nearest]
+        return intercept * ratio, slope * ratio
+
     def batch_seconds(self, pool: str, key: WorkKey, batch: int) -> float:
-        line = self._lines.get(key.size)
-        if line is None:
-            raise ValueError(f"no measurement for bucket {key.size} (measured: {sorted(self._lines)})")
-        intercept, slope = line
+        intercept, slope = self.line(key.size)
         seconds = (intercept + slope * batch) * key.steps / self.steps
         return seconds * self._rng.choice(self.ratios) if self.ratios else seconds
 
