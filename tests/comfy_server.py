@@ -8,6 +8,8 @@ import asyncio
 import socket
 import threading
 
+import httpx
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -74,3 +76,13 @@ class ServerThread:
         for server in self._servers:
             server.should_exit = True
         self._thread.join(60)
+
+
+def browser_client(server, key: str | None = None) -> httpx.Client:
+    """A client that behaves like a browser tab of this host: it keeps cookies and sends its
+    Origin; logged in with ``key`` when given."""
+    client = httpx.Client(base_url=server.url, timeout=60, headers={"Origin": server.url})
+    if key is not None:
+        response = client.post("/login", data={"api_key": key})
+        assert response.status_code == 303, response.text
+    return client

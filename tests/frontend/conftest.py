@@ -3,7 +3,6 @@ port (real scheduler, torch engines, SeaweedFS S3, SQLite), three tenants."""
 
 from __future__ import annotations
 
-import httpx
 import pytest
 
 from comfy_server import ServerThread
@@ -35,16 +34,6 @@ def web_server(web_config, web_keys, torch_engine, base_torch_engine):
     server = ServerThread(web_config, {"turbo": torch_engine, "base": base_torch_engine}).start()
     yield server
     server.stop()
-
-
-def browser_client(server, key: str | None = None) -> httpx.Client:
-    """A client that behaves like a browser tab of this host: it keeps cookies and sends its
-    Origin; logged in with ``key`` when given."""
-    client = httpx.Client(base_url=server.url, timeout=60, headers={"Origin": server.url})
-    if key is not None:
-        response = client.post("/login", data={"api_key": key})
-        assert response.status_code == 303, response.text
-    return client
 
 
 @pytest.hookimpl(hookwrapper=True)

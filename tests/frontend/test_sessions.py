@@ -15,7 +15,7 @@ import pytest
 import websocket
 import yaml
 
-from conftest import browser_client
+from comfy_server import browser_client
 
 GRAPH = {
     "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "z_image_turbo.safetensors"}},
@@ -59,7 +59,7 @@ def test_login_page_then_frontend(web_server, web_keys, web_config):
     anonymous = httpx.Client(base_url=web_server.url)
     page = anonymous.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-    assert 'action="/login"' in page.text and 'name="api_key"' in page.text
+    assert 'action="login"' in page.text and 'name="api_key"' in page.text
     assert "default-src 'none'" in page.headers["content-security-policy"]
     assert not re.search(r"(src|href)=\"(https?:)?//", page.text), "the login page loads nothing from elsewhere"
     assert anonymous.get("/api/queue").status_code == 401
@@ -69,7 +69,7 @@ def test_login_page_then_frontend(web_server, web_keys, web_config):
 
     key = web_keys["acme"]
     done = anonymous.post("/login", data={"api_key": key})
-    assert done.status_code == 303 and done.headers["location"] == "/"
+    assert done.status_code == 303 and done.headers["location"] == "./"
     cookie = done.headers["set-cookie"]
     attributes = {part.strip().split("=")[0].lower() for part in cookie.split(";")}
     assert {"httponly", "path", "max-age"} <= attributes and "secure" not in attributes  # plain http here
@@ -178,7 +178,7 @@ def test_revoked_key_and_suspended_tenant_end_sessions(web_server, web_keys, web
 def test_logout_and_expiry(web_server, web_keys, web_config):
     browser = browser_client(web_server, web_keys["globex"])
     token = browser.cookies["zimage_session"]
-    assert 'action="/logout"' in browser.get("/logout").text
+    assert 'action="logout"' in browser.get("/logout").text
     out = browser.post("/logout")
     assert out.status_code == 303 and "zimage_session=" in out.headers["set-cookie"]
     replay = httpx.Client(base_url=web_server.url, cookies={"zimage_session": token})

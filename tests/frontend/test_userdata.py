@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from conftest import browser_client
+from comfy_server import browser_client
 
 
 @pytest.fixture(scope="module")

@@ -62,7 +62,7 @@ async def login(request: Request, api_key: Annotated[str, Form(max_length=256)] 
         done = await asyncio.to_thread(service.login, api_key)
     except PlatformError as exc:
         return _page(protocol.login_page(f"{exc.message} ({exc.code})"), exc.status)
-    response = RedirectResponse("/", status_code=303, headers={"Cache-Control": "no-store"})
+    response = RedirectResponse("./", status_code=303, headers={"Cache-Control": "no-store"})
     response.set_cookie(
         SESSION_COOKIE,
         done.token,
@@ -79,7 +79,7 @@ async def login(request: Request, api_key: Annotated[str, Form(max_length=256)] 
 async def logout_page(request: Request) -> Response:
     tenant = await asyncio.to_thread(frontend(request.app).session_or_none, request)
     if tenant is None:
-        return RedirectResponse("/", status_code=303)
+        return RedirectResponse("./", status_code=303)
     return _page(protocol.logout_page(tenant.id))
 
 
@@ -93,7 +93,7 @@ async def logout(request: Request) -> Response:
         except PlatformError as exc:
             return _page(protocol.login_page(exc.message), exc.status)
         await asyncio.to_thread(service.sessions.end, token)
-    response = RedirectResponse("/", status_code=303, headers={"Cache-Control": "no-store"})
+    response = RedirectResponse("./", status_code=303, headers={"Cache-Control": "no-store"})
     secure = is_secure(request, service.config.secure_cookie)
     response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict", secure=secure)
     return response

@@ -44,7 +44,7 @@ def login_page(error: str | None = None) -> str:
         "Log in - zimage-platform",
         "<h1>zimage-platform</h1><p>Paste your tenant's API key to open ComfyUI in this browser. "
         "The key is checked once; the browser keeps only a session cookie.</p>"
-        f'{shown}<form method="post" action="/login"><label for="api_key">API key</label>'
+        f'{shown}<form method="post" action="login"><label for="api_key">API key</label>'
         '<input id="api_key" name="api_key" type="password" autocomplete="current-password" '
         'placeholder="zk_..." required autofocus><button type="submit">Log in</button></form>',
     )
@@ -54,5 +54,5 @@ def logout_page(tenant: str) -> str:
     return _page(
         "Log out - zimage-platform",
         f"<h1>Logged in as {escape(tenant)}</h1><p>End this browser's session (the API key stays valid).</p>"
-        '<form method="post" action="/logout"><button type="submit">Log out</button></form>',
+        '<form method="post" action="logout"><button type="submit">Log out</button></form>',
     )
