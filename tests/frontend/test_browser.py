@@ -1,8 +1,8 @@
 """The real ComfyUI frontend in a real headless browser (Debian's chromium, driven by
-Playwright): log in, load the official Z-Image Turbo template (from the frontend's template
-browser; or, changed to what the platform runs without issue 13's core part, through the
-frontend's ``app.loadGraphData``), run it with the Run button, see the image; another
-tenant's browser sees none of it."""
+Playwright): log in, load the official Z-Image Turbo template (picked in the frontend's template
+browser; or, with the platform's own file names and a small size, through the frontend's
+``app.loadGraphData``), run it with the Run button, see the image; another tenant's browser
+sees none of it."""
 
 from __future__ import annotations
 
@@ -143,8 +143,8 @@ def runs_official_names(server, key: str) -> bool:
 
 
 def today_variant(workflow: dict) -> dict:
-    """The official template with values the platform runs without issue 13's core part: its
-    model files by the platform's names, euler, a 64x64 image, 2 steps, a fixed 32-bit seed."""
+    """The official template with the platform's own names for its model files, euler, a 64x64
+    image, 2 steps and a fixed seed (what any ComfyUI user may change in the template)."""
     values = {
         "UNETLoader": {0: "z_image_turbo.safetensors"},
         "CLIPLoader": {0: "z_image_turbo_text_encoder.safetensors"},
@@ -191,13 +191,16 @@ def test_template_runs_in_the_browser_and_stays_private(tabs, web_server, web_ke
 def test_official_template_runs_in_the_browser(tabs, web_server, web_keys):
     """The official template as published (model files z_image_turbo_bf16 / qwen_3_4b / ae,
     res_multistep, a random 64-bit seed, 1024x1024), picked in the frontend's template browser
-    (which a new user gets on first load), run with the Run button."""
-    if not runs_official_names(web_server, web_keys["acme"]):
-        pytest.xfail("the platform does not know the official template's model files yet (issue 13, core part)")
+    (a new user gets it on first load; here, a returning user opens it from the sidebar), run
+    with the Run button."""
+    assert runs_official_names(web_server, web_keys["acme"])
     acme = tabs("acme")
     acme.login(web_keys["acme"])
     wait_ready(acme.page)
-    acme.page.get_by_text("Z-Image-Turbo: Text to Image", exact=True).click()  # in the template browser
+    card = acme.page.get_by_text("Z-Image-Turbo: Text to Image", exact=True)
+    if not card.is_visible():  # a returning user: open the template browser from the sidebar
+        acme.page.get_by_text("Templates", exact=True).first.click()
+    card.click()
     wait_graph(acme.page)
     assert acme.page.evaluate("() => window.app.graph.nodes.map(n => n.type)").count("SaveImage") == 1
     src, data = run_and_wait_for_image(acme)
