@@ -1,6 +1,9 @@
 """browser sessions and the ComfyUI frontend's user data per tenant
 
-Revision ID: 0005
+(Its own revision id, so it cannot collide with another branch's 0005: merged after another
+0005, set ``down_revision`` to that one.)
+
+Revision ID: 0005_browser
 Revises: 0004
 Create Date: 2026-12-03 08:30:00.000000
 """
@@ -10,7 +13,7 @@ from alembic import op
 
 import zimage_platform.db.base
 
-revision = "0005"
+revision = "0005_browser"
 down_revision = "0004"
 branch_labels = None
 depends_on = None
