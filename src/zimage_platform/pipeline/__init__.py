@@ -21,6 +21,7 @@ _EXPORTS = {
     "BatchKey": "types",
     "ZImageBatchPipeline": "pipeline",
     "SAMPLERS": "samplers",
+    "SCHEDULES": "schedules",
     "init_tiny_checkpoint": "tiny",
 }
 
