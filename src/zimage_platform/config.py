@@ -482,6 +482,25 @@ class ServeConfig(_Strict):
     public_url: str | None = None
 
 
+class FrontendConfig(_Strict):
+    """The ComfyUI frontend for people (PyPI ``comfyui-frontend-package``), behind a login."""
+
+    #: Serve the frontend at ``/`` (and the login page); off: the API only.
+    enabled: bool = True
+    #: How long a browser session lasts after login (then the person logs in again).
+    session_ttl_s: int = Field(7 * 24 * 3600, ge=60, le=90 * 24 * 3600)
+    #: ``Secure`` on the session cookie: ``auto`` when the request came over https (or a proxy
+    #: says so in ``X-Forwarded-Proto``), ``always`` behind a TLS-terminating ingress.
+    secure_cookie: Literal["auto", "always"] = "auto"
+    #: Origins (``https://comfy.example.com``) besides the request's own host that may send
+    #: state-changing requests with the session cookie (the CSRF check).
+    allowed_origins: list[str] = Field(default_factory=list)
+    #: Per tenant: largest user-data file (saved workflows, settings) and all of them together.
+    userdata_max_file_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    userdata_max_total_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    userdata_max_files: int = Field(2000, ge=1)
+
+
 class PlatformConfig(BaseSettings):
     """The whole platform's configuration (later sections: serve, tenancy, storage, billing...)."""
 
@@ -505,6 +524,7 @@ class PlatformConfig(BaseSettings):
     limits: ApiLimits = ApiLimits()
     webhooks: WebhookConfig = WebhookConfig()
     serve: ServeConfig = ServeConfig()
+    frontend: FrontendConfig = FrontendConfig()
     tenancy: TenancyConfig = TenancyConfig()
     billing: BillingConfig = BillingConfig()
     telemetry: TelemetryConfig = TelemetryConfig()

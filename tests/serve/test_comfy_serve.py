@@ -33,3 +33,18 @@ def test_unmodified_client_through_ray_serve(serve_app, serve_keys, monkeypatch)
     assert httpx.get(f"{serve_app}/history/{prompt_id}", headers=other).json() == {}
     executed = next(m["data"]["output"]["images"][0] for m in messages if m["type"] == "executed")
     assert httpx.get(f"{serve_app}/view", params=executed, headers=other).status_code == 404
+
+
+def test_frontend_and_login_through_ray_serve(serve_app, serve_keys):
+    """The ingress replicas serve the ComfyUI frontend behind the login (the package is found
+    inside Ray's workers) and the session works through Serve's proxy."""
+    browser = httpx.Client(base_url=serve_app, headers={"Origin": serve_app}, timeout=30)
+    assert 'name="api_key"' in browser.get("/").text
+    assert browser.post("/login", data={"api_key": serve_keys["acme"]}).status_code == 303
+    index = browser.get("/")
+    assert '<div id="vue-app">' in index.text
+    script = index.text.split('src="./', 1)[1].split('"', 1)[0]
+    assert browser.get(f"/{script}").headers["content-type"].startswith("text/javascript")
+    assert browser.post("/api/settings", json={"Comfy.Locale": "en"}).status_code == 200
+    assert browser.get("/api/settings").json() == {"Comfy.Locale": "en"}
+    assert browser.get("/templates/index.json").status_code == 200

@@ -11,12 +11,14 @@ from zimage_platform import __version__
 from zimage_platform.api.batches.api_router import router as batches_router
 from zimage_platform.api.comfy.api_router import install as install_comfy
 from zimage_platform.api.errors import error_body, install_error_handlers
+from zimage_platform.api.frontend.api_router import install as install_frontend
 from zimage_platform.api.health.api_router import router as health_router
 from zimage_platform.api.images.api_router import router as images_router
 from zimage_platform.api.jobs.api_router import router as jobs_router
 from zimage_platform.api.models.api_router import router as models_router
 from zimage_platform.api.services import PlatformServices
 from zimage_platform.api.usage.api_router import router as usage_router
+from zimage_platform.api.userdata.api_router import install as install_userdata
 from zimage_platform.api.workflows.api_router import router as workflows_router
 from zimage_platform.telemetry.context import RequestTrace
 from zimage_platform.telemetry.metrics import metrics
@@ -119,4 +121,6 @@ def create_api(services: PlatformServices) -> FastAPI:
     app.add_middleware(BodyLimit, max_bytes=services.config.limits.max_body_bytes)
     instrument_app(app, configure_tracing(services.config.telemetry, "ingress"))
     install_comfy(app)  # last: its /comfy/<key>/ path rewrite runs before every other middleware
+    install_userdata(app)
+    install_frontend(app)  # the login and the ComfyUI frontend's files, after every API route
     return app

@@ -33,6 +33,12 @@ def tenant(
     services: PlatformServices = request.app.state.services
     with span("auth"):
         found = services.tenants.authenticate(api_key_from(authorization, x_api_key))
+    return admit(request, found)
+
+
+def admit(request: Request, found: TenantSpec) -> TenantSpec:
+    """Count an authenticated request against its tenant's request rate (429 over it)."""
+    services: PlatformServices = request.app.state.services
     request.state.tenant_id = found.id
     with span("rate_limit", tenant=found.id, backend=services.rate_limiter.backend):
         request.state.rate = services.rate_limiter.check_request(found.id, found.limits.requests_per_minute)

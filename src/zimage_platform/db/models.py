@@ -1,6 +1,7 @@
 """Every table the platform owns, imported in one place for Alembic and create_all."""
 
 from zimage_platform.billing.ledger import LedgerEntryRow
+from zimage_platform.browser import BrowserSessionRow, UserFileRow
 from zimage_platform.db.chain import ChainHeadRow
 from zimage_platform.scheduling.models import BatchRow, JobImageRow, JobRow, WebhookDeliveryRow
 from zimage_platform.tenancy.audit import AuditEventRow
@@ -9,6 +10,7 @@ from zimage_platform.workflows.models import ComfyCounterRow, ComfyFileRow, Comf
 __all__ = [
     "AuditEventRow",
     "BatchRow",
+    "BrowserSessionRow",
     "ChainHeadRow",
     "ComfyCounterRow",
     "ComfyFileRow",
@@ -16,6 +18,7 @@ __all__ = [
     "JobImageRow",
     "JobRow",
     "LedgerEntryRow",
+    "UserFileRow",
     "WebhookDeliveryRow",
     "WorkflowRow",
 ]

@@ -108,7 +108,18 @@ class TenantRegistry:
         found = self._keys.get(parsed[0]) if parsed else None
         if parsed is None or found is None or not verify_secret(parsed[1], found[1].hash, self.pepper):
             raise AuthError("the API key is not valid")
-        tenant_id, record = found
+        return self._usable(*found, now=now)
+
+    def key_holder(self, key_id: str, *, now: datetime | None = None) -> TenantSpec:
+        """The tenant of a key already verified once (a browser session holds its id, never the
+        key): the same 401/403 as :meth:`authenticate` once it is revoked, expired or suspended."""
+        self.reload()
+        found = self._keys.get(key_id)
+        if found is None:
+            raise AuthError("the API key of this session no longer exists", code="api_key_revoked")
+        return self._usable(*found, now=now)
+
+    def _usable(self, tenant_id: str, record: ApiKeyRecord, *, now: datetime | None = None) -> TenantSpec:
         now = now or datetime.now(UTC)
         if record.revoked_at is not None and record.revoked_at <= now:
             raise AuthError("the API key was revoked", code="api_key_revoked")

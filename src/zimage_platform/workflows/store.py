@@ -136,6 +136,20 @@ class ComfyStore:
             q = base.order_by(ComfyPromptRow.finished_at, ComfyPromptRow.number).offset(offset).limit(limit)
             return list(s.scalars(q))
 
+    def history_count(self, tenant_id: str) -> int:
+        with self._sessions() as s:
+            return (
+                s.scalar(
+                    select(func.count()).where(
+                        ComfyPromptRow.tenant_id == tenant_id,
+                        ComfyPromptRow.finished_at.is_not(None),
+                        ComfyPromptRow.queue_deleted.is_(False),
+                        ComfyPromptRow.history_deleted.is_(False),
+                    )
+                )
+                or 0
+            )
+
     def finish(self, tenant_id: str, prompt_id: str, state: str, finished_at: datetime) -> None:
         """Record a prompt's terminal state (once: the first observer's view stands)."""
         with self._sessions() as s, s.begin():

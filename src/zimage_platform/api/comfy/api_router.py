@@ -22,6 +22,7 @@ from zimage_platform.api.comfy import protocol
 from zimage_platform.api.comfy.protocol import ComfyError, ComfyJSONResponse
 from zimage_platform.api.comfy.serving import ComfyService, convert_view
 from zimage_platform.api.deps import Trace
+from zimage_platform.api.frontend.serving import frontend
 from zimage_platform.errors import PlatformError
 from zimage_platform.telemetry.tracing import span
 from zimage_platform.tenancy import TenantSpec
@@ -31,8 +32,11 @@ router = APIRouter(tags=["comfyui"], default_response_class=ComfyJSONResponse)
 #: First path segments of the ComfyUI routes (what a ``/comfy/<key>/`` prefix may precede).
 COMFY_ROOTS = frozenset(
     {"prompt", "queue", "history", "interrupt", "view", "upload", "object_info", "system_stats"}
-    | {"embeddings", "models", "features", "ws", "api"}
+    | {"embeddings", "models", "features", "ws", "api", "jobs", "settings", "userdata", "users"}
+    | {"extensions", "i18n", "workflow_templates", "global_subgraphs", "node_replacements", "experiment"}
 )
+#: Requests that change nothing (no CSRF check for them).
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 _PREFIX = re.compile(r"^/comfy/([^/]+)(/.*)$")
 
 
@@ -53,7 +57,11 @@ class ComfyKeyPrefix:
                 headers = [(k, v) for k, v in scope["headers"] if k != b"x-api-key"]
                 if not any(k == b"authorization" for k, _ in headers):
                     headers.append((b"x-api-key", key.encode("latin-1")))
-                scope = {**scope, "path": rest, "raw_path": rest.encode(), "headers": headers}
+                # The raw path keeps its escapes (``userdata/workflows%2Fa.json``): drop the prefix only.
+                raw = scope.get("raw_path") or rest.encode()
+                raw_match = re.match(rb"^(.*?)/comfy/[^/]+(/.*)$", raw)
+                raw = raw_match.group(1) + raw_match.group(2) if raw_match else rest.encode()
+                scope = {**scope, "path": rest, "raw_path": raw, "headers": headers}
         await self.app(scope, receive, send)
 
 
@@ -73,8 +81,14 @@ def comfy_tenant(
     authorization: Annotated[str | None, Header()] = None,
     x_api_key: Annotated[str | None, Header()] = None,
 ) -> TenantSpec:
-    """The platform's tenant check, refusing in ComfyUI's error shape (401/403/429)."""
+    """The platform's tenant check, refusing in ComfyUI's error shape (401/403/429): a key
+    header, else the browser's session cookie (CSRF-checked when the request changes state)."""
     try:
+        if deps.api_key_from(authorization, x_api_key) is None:
+            with span("auth", method="session"):
+                found = frontend(request.app).cookie_tenant(request, changes_state=request.method not in SAFE_METHODS)
+            if found is not None:
+                return deps.admit(request, found)
         return deps.tenant(request, authorization, x_api_key)
     except PlatformError as exc:
         raise ComfyError.from_platform(exc) from None
@@ -153,6 +167,51 @@ async def post_history(request: Request, service: Comfy, tenant: Tenant) -> Resp
     if isinstance(body, dict) and "delete" in body:
         await service.delete_history(tenant, _ids(body["delete"], "delete"))
     return Response(status_code=200)
+
+
+@router.get("/jobs")
+async def get_jobs(
+    service: Comfy,
+    tenant: Tenant,
+    status: str | None = None,
+    limit: Annotated[int | None, Query(ge=1)] = None,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    sort_order: str = "desc",
+) -> dict:
+    """The tenant's prompts as jobs (``status``: a comma-separated subset of pending,
+    in_progress, completed, failed, cancelled), newest first, paginated."""
+    statuses = [s.strip() for s in status.split(",") if s.strip()] if status else list(protocol.JOB_STATUSES)
+    unknown = sorted(set(statuses) - set(protocol.JOB_STATUSES))
+    if unknown:
+        raise ComfyError.of(
+            400, "invalid_status", f"unknown job status {unknown}", "status", choices=list(protocol.JOB_STATUSES)
+        )
+    if sort_order not in ("asc", "desc"):
+        raise ComfyError.of(
+            400, "invalid_sort_order", "sort_order is asc or desc", "sort_order", choices=["asc", "desc"]
+        )
+    return await service.jobs(tenant, statuses, limit=limit, offset=offset, newest_first=sort_order == "desc")
+
+
+@router.get("/jobs/{job_id}", response_model=None)
+async def get_job(job_id: str, service: Comfy, tenant: Tenant) -> dict | Response:
+    found = await service.job(tenant, job_id)
+    if found is None:
+        raise ComfyError.of(404, "job_not_found", f"no job {job_id}", "job_id")
+    return found
+
+
+@router.post("/jobs/cancel")
+async def cancel_jobs(request: Request, service: Comfy, tenant: Tenant) -> dict:
+    """``{"job_ids": [...]}``: each is stopped (running), dropped (pending) or left (finished)."""
+    body = await _json(request)
+    ids = _ids(body.get("job_ids") if isinstance(body, dict) else None, "job_ids")
+    return {"results": {job_id: await service.cancel_job(tenant, job_id) for job_id in ids}}
+
+
+@router.post("/jobs/{job_id}/cancel")
+async def cancel_job(job_id: str, service: Comfy, tenant: Tenant) -> dict:
+    return {"job_id": job_id, "result": await service.cancel_job(tenant, job_id)}
 
 
 @router.post("/interrupt")
@@ -258,7 +317,11 @@ async def websocket(websocket: WebSocket, clientId: str | None = None) -> None:
     service = _service(websocket.app)
     key = deps.api_key_from(websocket.headers.get("authorization"), websocket.headers.get("x-api-key"))
     try:
-        tenant = service.services.tenants.authenticate(key)
+        tenant = None
+        if key is None:  # a browser: its session cookie, from a page of this host only
+            tenant = await asyncio.to_thread(frontend(websocket.app).cookie_tenant, websocket, changes_state=True)
+        if tenant is None:
+            tenant = service.services.tenants.authenticate(key)
     except PlatformError as exc:
         await websocket.close(code=1008, reason=f"{exc.code}: {exc.message}"[:120])
         return

@@ -204,3 +204,80 @@ def execution_interrupted(
 def history_message(msg: dict[str, Any]) -> list[Any]:
     """History keeps a prompt's lifecycle messages as ``[type, data]`` pairs."""
     return [msg["type"], msg["data"]]
+
+
+# -- the jobs API (``/api/jobs``, what ComfyUI's frontend lists the queue and history with) ----
+
+JOB_STATUSES = ("pending", "in_progress", "completed", "failed", "cancelled")
+HISTORY_STATUSES = frozenset({"completed", "failed", "cancelled"})
+
+
+def _workflow_id(extra_data: dict[str, Any]) -> str | None:
+    workflow = (extra_data.get("extra_pnginfo") or {}).get("workflow") if isinstance(extra_data, dict) else None
+    return workflow.get("id") if isinstance(workflow, dict) else None
+
+
+def _pruned(job: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in job.items() if v is not None}
+
+
+def queued_job(item: list[Any], status: str, create_time: int, *, detail: bool = False) -> dict[str, Any]:
+    """A running or pending prompt (a queue item) as a job."""
+    number, prompt_id, graph, extra_data, _ = item
+    job = _pruned(
+        {
+            "id": prompt_id,
+            "status": status,
+            "priority": number,
+            "create_time": create_time,
+            "outputs_count": 0,
+            "previewable_outputs_count": 0,
+            "workflow_id": _workflow_id(extra_data),
+        }
+    )
+    if detail:
+        job["workflow"] = {"prompt": graph, "extra_data": extra_data}
+    return job
+
+
+def finished_job(entry: dict[str, Any], create_time: int, *, detail: bool = False) -> dict[str, Any]:
+    """A history entry as a job: its outcome, times, output count and the image to preview."""
+    number, prompt_id, graph, extra_data, _ = entry["prompt"]
+    status, started, ended, error = "completed", None, None, None
+    for name, data in entry["status"]["messages"]:
+        if name == "execution_start":
+            started = data.get("timestamp")
+        elif name in ("execution_success", "execution_error", "execution_interrupted"):
+            ended = data.get("timestamp")
+            if name == "execution_error":
+                status, error = "failed", data
+            elif name == "execution_interrupted":
+                status = "cancelled"
+    if entry["status"]["status_str"] == "error" and status == "completed":
+        status = "failed"
+    images = [
+        {**image, "nodeId": node, "mediaType": "images"}
+        for node, output in entry["outputs"].items()
+        for image in output.get("images", [])
+    ]
+    preview = next((i for i in images if i["type"] == "output"), images[0] if images else None)
+    job = _pruned(
+        {
+            "id": prompt_id,
+            "status": status,
+            "priority": number,
+            "create_time": create_time,
+            "execution_start_time": started,
+            "execution_end_time": ended,
+            "execution_error": error,
+            "outputs_count": len(images),
+            "previewable_outputs_count": len(images),
+            "preview_output": preview,
+            "workflow_id": _workflow_id(extra_data),
+        }
+    )
+    if detail:
+        job["outputs"] = entry["outputs"]
+        job["execution_status"] = entry["status"]
+        job["workflow"] = {"prompt": graph, "extra_data": extra_data}
+    return job

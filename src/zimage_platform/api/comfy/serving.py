@@ -22,7 +22,6 @@ import sys
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import psutil
@@ -34,6 +33,7 @@ from zimage_platform import __version__
 from zimage_platform.api.comfy import protocol
 from zimage_platform.api.comfy.events import Connection, PromptRelay, SocketHub
 from zimage_platform.api.comfy.protocol import ComfyError
+from zimage_platform.api.frontend.serving import package_version
 from zimage_platform.api.generation import image_limits, submit
 from zimage_platform.api.graphs import NodeRejected, catalog_for, prepare_jobs, split_image_name
 from zimage_platform.api.services import PlatformServices
@@ -313,6 +313,74 @@ class ComfyService:
             for view in await self._views(rows)
             if not (view.state == "interrupted" and view.never_started)
         }
+
+    # -- the jobs API --------------------------------------------------------------------------
+
+    async def jobs(
+        self, tenant: TenantSpec, statuses: list[str], *, limit: int | None, offset: int, newest_first: bool = True
+    ) -> dict[str, Any]:
+        """``GET /api/jobs``: the tenant's prompts as jobs, newest first, one page of them."""
+        found: list[dict[str, Any]] = []
+        running, pending = await self.queue(tenant)
+        for state, views in (("in_progress", running), ("pending", pending)):
+            if state in statuses:
+                found += [self._queued_job(view, state) for view in views]
+        wanted = protocol.HISTORY_STATUSES & set(statuses)
+        history_total = 0
+        if wanted:
+            # Every history status asked for: only the page's window is read (and counted apart).
+            window = offset + limit if limit is not None and wanted == protocol.HISTORY_STATUSES else None
+            rows = await asyncio.to_thread(self.store.history, tenant.id, max_items=window, offset=None)
+            views = [v for v in await self._views(rows) if not (v.state == "interrupted" and v.never_started)]
+            finished = [protocol.finished_job(history_entry(v), protocol.ms(v.row.created_at)) for v in views]
+            finished = [job for job in finished if job["status"] in wanted]
+            if window is not None:
+                history_total = await asyncio.to_thread(self.store.history_count, tenant.id) - len(finished)
+            found += finished
+        found.sort(key=lambda job: job["create_time"], reverse=newest_first)
+        total = len(found) + history_total
+        page = found[offset:] if limit is None else found[offset : offset + limit]
+        return {
+            "jobs": page,
+            "pagination": {
+                "offset": offset,
+                "limit": limit,
+                "total": total,
+                "has_more": offset + len(page) < total,
+            },
+        }
+
+    @staticmethod
+    def _queued_job(view: PromptView, status: str, *, detail: bool = False) -> dict[str, Any]:
+        row = view.row
+        item = protocol.queue_item(row.number, row.prompt_id, row.graph, row.extra_data, row.outputs_to_execute)
+        return protocol.queued_job(item, status, protocol.ms(row.created_at), detail=detail)
+
+    async def job(self, tenant: TenantSpec, prompt_id: str) -> dict[str, Any] | None:
+        """``GET /api/jobs/{id}``: one job with its graph and outputs, or None (not this tenant's)."""
+        row = await asyncio.to_thread(self.store.prompt, tenant.id, prompt_id)
+        if row is None or row.queue_deleted:
+            return None
+        (view,) = await self._views([row])
+        await self._record_finished([view])
+        if view.terminal:
+            if row.history_deleted or (view.state == "interrupted" and view.never_started):
+                return None
+            return protocol.finished_job(history_entry(view), protocol.ms(row.created_at), detail=True)
+        return self._queued_job(view, "in_progress" if view.state == "running" else "pending", detail=True)
+
+    async def cancel_job(self, tenant: TenantSpec, prompt_id: str) -> str:
+        """Stop a running job, drop a pending one; a finished or unknown one is left alone.
+        Returns what it was: ``running``, ``pending``, ``terminal`` or ``unknown``."""
+        running, pending = await self.queue(tenant)
+        if any(v.row.prompt_id == prompt_id for v in running):
+            await self.interrupt(tenant, prompt_id)
+            return "running"
+        if any(v.row.prompt_id == prompt_id for v in pending):
+            await self.delete_from_queue(tenant, [prompt_id])
+            return "pending"
+        row = await asyncio.to_thread(self.store.prompt, tenant.id, prompt_id)
+        return "terminal" if row is not None and not row.queue_deleted else "unknown"
 
     # -- POST /prompt ---------------------------------------------------------------------------
 
@@ -596,10 +664,9 @@ class ComfyService:
     async def system_stats(self) -> dict[str, Any]:
         memory = psutil.virtual_memory()
         config = self.services.config
-        try:
-            torch_version = version("torch")
-        except PackageNotFoundError:
-            torch_version = None
+        torch_version = package_version("torch")
+        frontend_version = package_version("comfyui-frontend-package")
+        templates_version = package_version("comfyui-workflow-templates-json")
         devices = []
         for name, pool in config.pools.items():
             total = int((pool.slice_gb or 0) * 2**30)
@@ -620,10 +687,11 @@ class ComfyService:
                 "ram_total": memory.total,
                 "ram_free": memory.available,
                 "comfyui_version": protocol.COMFYUI_API_VERSION,
-                # No ComfyUI frontend or workflow templates are served here.
-                "required_frontend_version": None,
-                "installed_templates_version": None,
-                "required_templates_version": None,
+                # The frontend and the templates this platform serves (None: not installed).
+                "required_frontend_version": frontend_version,
+                "comfyui_frontend_version": frontend_version,
+                "installed_templates_version": templates_version,
+                "required_templates_version": templates_version,
                 "zimage_platform_version": __version__,
                 "python_version": sys.version,
                 "pytorch_version": torch_version,
