@@ -103,10 +103,21 @@ def wait_graph(page) -> None:
     page.wait_for_function("() => window.app.graph.nodes.length > 0", timeout=60_000)
 
 
+def dismiss_dialogs(page, timeout_s: float = 10.0) -> None:
+    """Close dialogs the frontend opened on its own (a new user's template browser opens a moment
+    after the app is ready): Escape until no dialog overlay is left."""
+    overlay = page.locator('[data-testid="dialog-overlay"]')
+    deadline = time.monotonic() + timeout_s
+    while overlay.count() and time.monotonic() < deadline:
+        page.keyboard.press("Escape")
+        page.wait_for_timeout(250)
+
+
 def run_and_wait_for_image(tab: Tab) -> tuple[str, bytes]:
     """Press Run; wait for the output image in the UI (an ``<img>`` served by ``/api/view``) and
     fetch its bytes the way the page does (same cookies)."""
     page = tab.page
+    dismiss_dialogs(page)
     page.click('[data-testid="queue-button"]')
     image = page.wait_for_selector('img[src*="/api/view?"]', timeout=90_000)
     src = image.get_attribute("src")
