@@ -806,6 +806,8 @@ class SchedulerService:
             "pools": {
                 name: {
                     "queue": queue.depths(),
+                    # 0: the pool starts a replica when work for it waits (ready without one).
+                    "min_replicas": self.config.pools[name].autoscaling.min_replicas,
                     "engines": {
                         v: {
                             "capacity": self.dispatcher.capacity.get((name, v), 0),

@@ -38,7 +38,8 @@ async def prometheus_metrics() -> PlainTextResponse:
 
 @router.get("/readyz")
 async def readyz(services: Services) -> JSONResponse:
-    """Ready when every variant has a loaded engine and the database and S3 answer."""
+    """Ready when every variant has a loaded engine (or a pool that scales up from zero for it)
+    and the database and S3 answer."""
     checks: dict[str, Any] = {}
     try:
         await asyncio.to_thread(_db_ping, services)
@@ -52,12 +53,7 @@ async def readyz(services: Services) -> JSONResponse:
         checks["s3"] = f"error: {exc}"
     try:
         status = await asyncio.wait_for(services.scheduler.status(), timeout=5)
-        engines = {
-            f"{pool}/{variant}": info["capacity"]
-            for pool, p in status["pools"].items()
-            for variant, info in p["engines"].items()
-        }
-        missing = sorted({k.split("/")[1] for k in engines} - {k.split("/")[1] for k, c in engines.items() if c > 0})
+        missing = unserved_variants(status["pools"])
         checks["engines"] = "ok" if not missing else f"no engine loaded for {missing}"
         checks["pools"] = status["pools"]
     except Exception as exc:
@@ -66,6 +62,18 @@ async def readyz(services: Services) -> JSONResponse:
     return JSONResponse(
         {"status": "ready" if ready else "not_ready", "checks": checks}, status_code=200 if ready else 503
     )
+
+
+def unserved_variants(pools: dict[str, Any]) -> list[str]:
+    """Variants no pool can run now: none has a loaded engine for them, and no pool serving them
+    scales from zero (such a pool starts a replica when work waits, so it needs none to be ready)."""
+    served, known = set(), set()
+    for pool in pools.values():
+        for variant, info in pool["engines"].items():
+            known.add(variant)
+            if info["capacity"] > 0 or pool.get("min_replicas") == 0:
+                served.add(variant)
+    return sorted(known - served)
 
 
 def _db_ping(services) -> None:
