@@ -79,6 +79,8 @@ TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 DEFAULT_JSON = REPO / "bench" / "results" / "drills.json"
 #: The client's patience with one synchronous request (the platform's own limit is 300 s).
 SYNC_TIMEOUT_S = 120.0
+#: Seconds the processes of a SIGKILLed ``serve`` get to die with it.
+REAP_S = 15.0
 
 
 # -- the platform under test: `zimage-platform serve` in its own process group --------------------
@@ -501,6 +503,8 @@ class Observation:
     audit: list[str]
     #: Processes the killed platform had started that were still alive after it died (platform kill).
     orphans: list[str] | None = None
+    #: What clients were told instead of a 202/200 (:attr:`Load.refused`).
+    refused: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -518,6 +522,18 @@ def image_of_key(key: str) -> tuple[str, int] | None:
     if len(parts) < 3 or not parts[-1].endswith(".png") or not parts[-1][:-4].isdigit():
         return None
     return parts[-2], int(parts[-1][:-4])
+
+
+def unexplained(refused: dict[str, int]) -> dict[str, int]:
+    """Refusals a client cannot act on: a 5xx that names no cause (``internal_error``, or no
+    error body). A 503 with a code (``database_unavailable``) says "retry", a 429 says when, and a
+    refused connection while the platform restarts is what any client expects of a dead server."""
+    found = {}
+    for answer, count in refused.items():
+        status, _, code = answer.removeprefix("sync ").partition(" ")
+        if status.isdigit() and int(status) >= 500 and code in ("", "internal_error"):
+            found[answer] = count
+    return found
 
 
 def check(obs: Observation) -> list[Invariant]:
@@ -540,6 +556,7 @@ def check(obs: Observation) -> list[Invariant]:
     acked = {(a.job_id, a.type) for a in obs.acks}
     owed = {j: f"job.{s.status}" for j, s in obs.jobs.items() if s.webhook and s.status in TERMINAL}
     unsent = [f"{j} ({event})" for j, event in owed.items() if (j, event) not in acked]
+    vague = unexplained(obs.refused)
     found = [
         Invariant("lost", not lost, str(len(lost)), lost[:cap]),
         Invariant("stuck", not stuck, str(len(stuck)), stuck[:cap]),
@@ -552,6 +569,7 @@ def check(obs: Observation) -> list[Invariant]:
         ),
         Invariant("webhooks", not unsent, f"{len(owed) - len(unsent)}/{len(owed)}", unsent[:cap]),
         Invariant("audit", not obs.audit, str(len(obs.audit)), obs.audit[:cap]),
+        Invariant("unexplained_5xx", not vague, str(sum(vague.values())), [f"{a} ×{n}" for a, n in vague.items()]),
     ]
     if obs.orphans is not None:
         found.append(Invariant("orphans", not obs.orphans, str(len(obs.orphans)), obs.orphans[:cap]))
@@ -618,32 +636,41 @@ async def scheduler_kill(stage: Stage, tenant: str) -> Fault:
 
 
 async def platform_kill(stage: Stage, tenant: str) -> Fault:
-    """SIGKILL ``serve`` alone; whatever it started (Ray, its workers, ``weed``) must die with it;
-    then ``serve`` again on the same data folder."""
+    """SIGKILL ``serve`` alone, as the OOM killer would, then ``serve`` again at once on the same
+    data folder, as a person or a supervisor would (nothing cleaned up in between).
+
+    The embedded S3 must be gone within :data:`REAP_S` (``weed`` gets the parent-death signal);
+    an ``orphan`` is a ``weed`` still running then. Ray's processes die with their parents, but
+    two of its agents first try to flush their logs to the dead GCS and linger for a minute or
+    two: they are reported (alive after :data:`REAP_S`, alive once the restarted platform is
+    ready), and the ones still alive then are ended, by PID.
+    """
     import psutil
 
     in_flight = await stage.batch_running(tenant)
     platform = stage.platform
     tree = platform.tree()
     weed = platform.embedded_s3().get("weed_pid")
-    names = {p.pid: _process_name(p) for p in tree}
+    names = {p.pid: f"{_process_name(p)} (pid {p.pid})" for p in tree}
     platform.sigkill()
     killed_at = time.time()
-    _, alive = await asyncio.to_thread(psutil.wait_procs, tree, 15)
-    orphans = [f"{names[p.pid]} (pid {p.pid})" for p in alive]
-    for process in alive:  # clean up what was left, so the restart can bind its ports
+    _, alive = await asyncio.to_thread(psutil.wait_procs, tree, REAP_S)
+    lingering = [names[p.pid] for p in alive]
+    log(f"serve SIGKILLed; alive {REAP_S:.0f} s later: {lingering or 'nothing'}; restarting it …")
+    restart_s = await asyncio.to_thread(platform.start, max(60.0, stage.deadline - time.monotonic()))
+    still = [p for p in alive if p.is_running()]
+    for process in still:
         with contextlib.suppress(psutil.Error):
             process.kill()
-    log(f"serve SIGKILLed; still alive 15 s later: {orphans or 'nothing'}; restarting it …")
-    restart_s = await asyncio.to_thread(platform.start, max(60.0, stage.deadline - time.monotonic()))
     return Fault(
         killed_at,
         killed_at,
         {
             "killed": f"serve (pid {tree[0].pid if tree else '?'}), parent of {len(tree) - 1} processes",
             "weed_pid": weed,
-            "weed_reaped": weed is not None and not psutil.pid_exists(weed),
-            "orphans": orphans,
+            "orphans": [names[p.pid] for p in alive if p.pid == weed],
+            f"alive_{REAP_S:.0f}s_after": lingering,
+            "alive_when_restarted": [names[p.pid] for p in still],
             "restart_s": restart_s,
             "jobs_in_flight": in_flight,
         },
@@ -894,6 +921,7 @@ def observe(stage: Stage, tenant: str, load: Load, started: datetime, fault: Fau
         acks=[a for a in stage.receiver.acks if a.job_id in job_ids],
         audit=stage.platform.audit(tenant, started),
         orphans=fault.notes.get("orphans"),
+        refused=dict(load.refused),
     )
     return obs, done_at
 
@@ -1033,6 +1061,7 @@ def markdown(data: dict[str, Any]) -> str:
         "ledger / S3 / delivered",
         "terminal webhooks",
         "audit findings",
+        "unexplained 5xx",
         "recovery",
         "drain",
         "client errors",
@@ -1053,6 +1082,7 @@ def markdown(data: dict[str, Any]) -> str:
                 r.value("ledger=s3=delivered"),
                 r.value("webhooks"),
                 r.value("audit"),
+                r.value("unexplained_5xx"),
                 fmt_num(r.recovery_s, ".1f", " s"),
                 fmt_num(r.drain_s, ".1f", " s"),
                 f"{refused}/{r.load.get('sent', 0)}" if r.load else "–",

@@ -63,6 +63,7 @@ def test_each_broken_invariant_is_reported_with_the_ids():
     obs.s3_keys.append(f"{DAY}/job_open/0.png")  # stored, never billed
     obs.audit.append("object_missing: job_a/1 s3 key gone")
     obs.orphans = ["weed (pid 42)"]
+    obs.refused = {"503 database_unavailable": 3, "sync 500 internal_error": 2, "ConnectError": 4, "502": 1}
 
     found = verdicts(obs)
 
@@ -76,6 +77,8 @@ def test_each_broken_invariant_is_reported_with_the_ids():
     assert found["webhooks"] == (False, "1/2", ["job_lost (job.failed)"])
     assert found["audit"][0] is False
     assert found["orphans"] == (False, "1", ["weed (pid 42)"])
+    # A 503 that names its cause is fine; a 500 internal_error or a bare 502 is not.
+    assert found["unexplained_5xx"] == (False, "3", ["sync 500 internal_error ×2", "502 ×1"])
 
 
 def test_an_accepted_job_without_a_row_is_lost():
@@ -111,7 +114,7 @@ def test_the_report_renders_from_the_json():
 
     text = markdown(data)
 
-    assert "| engine-kill | engine replica SIGKILLed mid-batch | 7+2 | 0 | 0 | 0 | 3 / 3 / 3 | 1/1 | 0 |" in text
+    assert "| engine-kill | engine replica SIGKILLed mid-batch | 7+2 | 0 | 0 | 0 | 3 / 3 / 3 | 1/1 | 0 | 0 |" in text
     assert "**PASS**" in text and "**ERROR**" in text and "RuntimeError: boom" in text
     assert DrillResult.from_json(result.to_json()).verdict == "PASS"
 
