@@ -105,8 +105,8 @@ class Admission:
         if bound is None:
             return
         queue = self.dispatcher.queues[pool_name]
-        if tenant_id is not None:
-            share = pool.tenant_bound(priority) or bound
+        share = pool.tenant_bound(priority) or bound
+        if tenant_id is not None and share < bound:  # a share of 1: the bound itself answers
             mine = queue.tenant_depth(priority, tenant_id) + self._reserved_queue.get((priority, tenant_id), 0)
             if mine + images > share:
                 raise TenantQueueShare(

@@ -481,14 +481,16 @@ class Simulation:
 
 
 def meets(summary: dict[str, Any], p95_target_s: float) -> dict[str, Any]:
-    """A class meets its SLO when its p95 is within target and nothing admitted was lost to the
-    queue bound, a deadline or the end of the run (tenant caps and quotas are not capacity)."""
+    """A class meets its SLO when its p95 is within target and nothing was refused for a full
+    queue (the class's bound, or a tenant's share of it: a backlog either way) nor lost to a
+    deadline or the end of the run (concurrency caps and quotas are not capacity)."""
     p95 = summary["latency_s"]["p95"]
     problems = []
     if p95 is None or p95 > p95_target_s:
         problems.append("p95")
-    if summary["rejected"].get("queue_full"):
-        problems.append("queue_full")
+    for code in ("queue_full", "tenant_queue_share"):
+        if summary["rejected"].get(code):
+            problems.append(code)
     if summary["timed_out"]:
         problems.append("timed_out")
     if summary["unfinished"]:
