@@ -17,7 +17,7 @@ from decimal import Decimal
 from functools import cached_property
 from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
@@ -308,9 +308,23 @@ class PoolConfig(_Strict):
     queue_deadline_s: dict[str, float] = Field(
         default_factory=lambda: {"realtime": 30.0, "standard": 600.0, "bulk": 86_400.0}
     )
+    #: The most of a class's queue bound one tenant's waiting images may take, per class
+    #: (``default`` for the rest), in (0, 1]: a tenant over its share gets 429
+    #: ``tenant_queue_share`` while other tenants of the class are still admitted.
+    tenant_share: dict[PriorityClass | Literal["default"], Annotated[float, Field(gt=0, le=1)]] = Field(
+        default_factory=lambda: {"default": 0.5}
+    )
 
     def wait_s(self, bucket: str) -> float:
         return self.max_wait_ms.get(bucket, self.max_wait_ms.get("default", 25.0)) / 1000
+
+    def tenant_bound(self, priority: str) -> int | None:
+        """Images one tenant may have waiting in ``priority``'s queue (``None``: unbounded)."""
+        bound = self.queue_bound.get(priority)
+        if bound is None:
+            return None
+        share = self.tenant_share.get(priority, self.tenant_share.get("default", 1.0))  # type: ignore[call-overload]
+        return max(1, int(bound * share))
 
     def batch_cap(self, bucket: str) -> int | None:
         return self.max_batch.get(bucket, self.max_batch.get("default"))

@@ -52,6 +52,7 @@ async def generate(
     *,
     image: bytes | None = None,
     strength: float | None = None,
+    idempotency_key: str | None = None,
 ) -> dict[str, Any]:
     variant = variant_for(services, request.model, request.variant)
     input_image, input_key = store_input_image(services, tenant, image) if image is not None else (None, None)
@@ -70,7 +71,8 @@ async def generate(
         source=source,
         trace=trace,
         input_key=input_key,
-        body_hash=request_hash(request.model_dump(mode="json"), image),
+        idempotency_key=idempotency_key,
+        body_hash=request_hash({**request.model_dump(mode="json"), "strength": strength}, image),
     )
     inline = request.response_format != "url"
     submitted = await submit_and_wait(services, tenant, job, inline=inline)
