@@ -385,6 +385,18 @@ class ApiLimits(_Strict):
     sync_timeout_s: float = Field(300.0, gt=0)
     #: Fetching input images by URL: allow private/loopback hosts (embedded default only).
     allow_private_urls: bool = False
+    #: Workflow graphs as stored (a ComfyUI prompt, a saved workflow): compact JSON bytes and
+    #: nodes. The largest official template is ~200 nodes.
+    max_graph_bytes: int = Field(1024 * 1024, ge=1024)
+    max_graph_nodes: int = Field(1000, ge=1)
+    #: A ComfyUI prompt's ``extra_data`` as stored: the frontend puts its whole UI workflow in
+    #: it (``extra_pnginfo.workflow``; the largest official template is ~200 KB of JSON).
+    max_extra_data_bytes: int = Field(1024 * 1024, ge=1024)
+    #: ComfyUI listings (``/history``, ``/queue``, ``/api/jobs``): items per page when the caller
+    #: names no size, the most per page, and the most graph + extra_data bytes one response holds.
+    history_page_items: int = Field(100, ge=1)
+    max_page_items: int = Field(500, ge=1)
+    max_listing_bytes: int = Field(64 * 1024 * 1024, ge=1024 * 1024)
 
 
 class WebhookConfig(_Strict):

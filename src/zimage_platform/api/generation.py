@@ -51,7 +51,7 @@ async def fetch_image_url(services: PlatformServices, tenant: TenantSpec, url: s
         # Isolation: another tenant's object (or another bucket) is simply not found.
         if bucket != services.results.bucket or not key.startswith(prefix):
             raise InvalidRequest(f"no object {url}", code="image_url_not_found", param="image_url")
-        return services.results.get_bytes(key)
+        return await asyncio.to_thread(services.results.get_bytes, key)
     await IMAGE_URLS.validate_async(url, allow_private=limits.allow_private_urls)
     try:
         async with services.http.stream("GET", url, timeout=15.0, follow_redirects=False) as response:
@@ -202,7 +202,10 @@ async def submit(services: PlatformServices, tenant: TenantSpec, job: NewJob) ->
     spending the tenant's limits again."""
     if job.idempotency_key and (existing := await asyncio.to_thread(services.store.find_idempotent, job)):
         return existing, False
-    services.rate_limiter.check_images(tenant.id, tenant.limits.images_per_minute, len(job.seeds))
+    # A Redis round trip with the redis backend: never on the event loop.
+    await asyncio.to_thread(
+        services.rate_limiter.check_images, tenant.id, tenant.limits.images_per_minute, len(job.seeds)
+    )
     async with services.submit_gates.enter(job.priority_class):
         return await services.scheduler.submit(job)
 
@@ -216,7 +219,9 @@ async def submit_and_wait(
     submit gate is held only until the job is admitted, not while its images are made."""
     replay = job.idempotency_key and await asyncio.to_thread(services.store.find_idempotent, job)
     if not replay:
-        services.rate_limiter.check_images(tenant.id, tenant.limits.images_per_minute, len(job.seeds))
+        await asyncio.to_thread(
+            services.rate_limiter.check_images, tenant.id, tenant.limits.images_per_minute, len(job.seeds)
+        )
     async with services.submit_gates.enter(job.priority_class) as leave:
         return await services.scheduler.submit_and_wait(
             job, services.config.limits.sync_timeout_s, inline=inline, on_admitted=leave
@@ -230,7 +235,7 @@ async def submit_batch(services: PlatformServices, tenant: TenantSpec, jobs: lis
     slot, quota), which writes the batch and its jobs in one transaction, or nothing."""
     per_minute = tenant.limits.images_per_minute
     images = sum(len(job.seeds) for job in jobs)
-    services.rate_limiter.check_images(tenant.id, per_minute, min(images, per_minute))
+    await asyncio.to_thread(services.rate_limiter.check_images, tenant.id, per_minute, min(images, per_minute))
     async with services.submit_gates.enter(jobs[0].priority_class):
         await services.scheduler.submit_many(jobs, batch)
 

@@ -6,13 +6,13 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Header, UploadFile
 
-from zimage_platform.api.body import parse_model
+from zimage_platform.api.body import StrictJSONRoute, parse_model
 from zimage_platform.api.deps import Services, Tenant, Trace
 from zimage_platform.api.images import serving
 from zimage_platform.api.images.protocol import ImageGenerationRequest, ImagesResponse
 from zimage_platform.errors import InvalidRequest
 
-router = APIRouter(prefix="/v1/images", tags=["images (OpenAI-compatible)"])
+router = APIRouter(prefix="/v1/images", tags=["images (OpenAI-compatible)"], route_class=StrictJSONRoute)
 
 
 #: Same key + same body → the same images (the earlier job's, not generated again); another body → 409.

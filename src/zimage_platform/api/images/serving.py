@@ -55,7 +55,9 @@ async def generate(
     idempotency_key: str | None = None,
 ) -> dict[str, Any]:
     variant = variant_for(services, request.model, request.variant)
-    input_image, input_key = store_input_image(services, tenant, image) if image is not None else (None, None)
+    input_image, input_key = (
+        await asyncio.to_thread(store_input_image, services, tenant, image) if image is not None else (None, None)
+    )
     params = params_from(
         request,
         size=None if request.size in (None, "auto") else request.size,
@@ -63,7 +65,8 @@ async def generate(
         strength=strength,
     )
     source = "openai"
-    job = prepare_job(
+    job = await asyncio.to_thread(  # the content policy may write an audit row
+        prepare_job,
         services,
         tenant,
         variant,
