@@ -206,3 +206,15 @@ async def test_an_idempotency_key_gives_the_same_batch(client: httpx.AsyncClient
 def batch_rows(platform, tenant_id: str) -> int:
     with platform.services.store.session() as s:
         return s.scalar(select(func.count()).select_from(BatchRow).where(BatchRow.tenant_id == tenant_id))
+
+
+async def test_non_finite_numbers_are_refused_in_the_request_and_in_rows(client: httpx.AsyncClient):
+    """Python's json reads NaN/Infinity; they are not JSON and could not be sent back: the request
+    field is refused whole, a file row with one is a row error (the other rows run)."""
+    files = {"file": ("rows.jsonl", b'{"prompt": "a", "size": "64x64", "steps": 2}\n')}
+    refused = await client.post("/v1/batches", files=files, data={"request": '{"defaults": {"guidance": NaN}}'})
+    assert refused.status_code == 422 and refused.json()["error"]["code"] == "non_finite_number"
+    rows = b'{"prompt": "a", "size": "64x64", "steps": 2}\n{"prompt": "b", "size": "64x64", "guidance": Infinity}\n'
+    response = await client.post("/v1/batches", files={"file": ("rows.jsonl", rows)})
+    assert response.status_code == 202, response.text
+    assert [r["line"] for r in response.json()["rejected"]] == [2]

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Header, Query, Response, UploadFile
 
 from zimage_platform.api.batches import serving
 from zimage_platform.api.batches.protocol import Batch, BatchRequest
-from zimage_platform.api.body import parse_model
+from zimage_platform.api.body import StrictJSONRoute, loads, parse_model
 from zimage_platform.api.deps import Services, Tenant, Trace
 from zimage_platform.errors import InvalidRequest
 
-router = APIRouter(prefix="/v1/batches", tags=["batches"])
+router = APIRouter(prefix="/v1/batches", tags=["batches"], route_class=StrictJSONRoute)
 
 
 @router.post(
@@ -35,7 +34,7 @@ async def create_batch(
     """Submit a file (202). Same Idempotency-Key + same request and file → the same batch (200);
     another request → 409. A template with a placeholder that is not a plain column → 400."""
     try:
-        parsed = parse_model(BatchRequest, json.loads(request))
+        parsed = parse_model(BatchRequest, loads(request))
     except ValueError:
         raise InvalidRequest("request is not valid JSON", code="invalid_json", param="request") from None
     limit = services.config.limits.max_body_bytes

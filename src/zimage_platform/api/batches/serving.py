@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from zimage_platform.api.batches.protocol import BatchRequest
+from zimage_platform.api.body import NonFiniteNumber, loads
 from zimage_platform.api.generation import prepare_job, request_hash, submit_batch
 from zimage_platform.api.services import PlatformServices
 from zimage_platform.db import utcnow
@@ -133,7 +134,9 @@ def read_rows(data: bytes, filename: str, max_rows: int) -> tuple[list[tuple[int
         for line_no, line in enumerate(text.splitlines(), start=1):
             if line.strip():
                 try:
-                    value = json.loads(line)
+                    value = loads(line)
+                except NonFiniteNumber:
+                    value = {"__error__": "a number is NaN or infinite"}
                 except ValueError:
                     value = {"__error__": "not valid JSON"}
                 if isinstance(value, dict):
