@@ -3,11 +3,10 @@ tests and benchmarks, so every way of running the platform assembles it the same
 
 from __future__ import annotations
 
-import httpx
-
 from zimage_platform.api.services import PlatformServices, SchedulerClient, SubmitGates
 from zimage_platform.config import PlatformConfig
 from zimage_platform.db import create_db_engine, upgrade
+from zimage_platform.netsafe import IMAGE_URLS
 from zimage_platform.scheduling.notifications import (
     BatchTracker,
     DatabaseOutbox,
@@ -102,7 +101,7 @@ def platform_services(
         results=result_store(config),
         scheduler=scheduler,
         tenants=tenant_registry(config),
-        http=httpx.AsyncClient(follow_redirects=False, timeout=15.0),
+        http=IMAGE_URLS.client(allow_private=config.limits.allow_private_urls, timeout=15.0),
         rate_limiter=rate_limiter(config),
         policies=policy_registry(config),
         audit=AuditLog(store.engine),
