@@ -9,7 +9,6 @@ import threading
 import time
 from types import SimpleNamespace
 
-import httpcore
 import httpx
 import pytest
 import uvicorn
@@ -84,43 +83,6 @@ class Server:
         self.server.should_exit = True
         self.thread.join(10)
         self.sock.close()
-
-
-@pytest.fixture
-def dns(monkeypatch):
-    """Names under ``.test`` answer from a script: each lookup takes the next answer (the last repeats)."""
-    answers: dict[str, list[str]] = {}
-    lookups: list[str] = []
-    real = socket.getaddrinfo
-
-    def getaddrinfo(host, port, *args, **kwargs):
-        host = host.decode() if isinstance(host, bytes) else host  # anyio passes IDNA bytes
-        if isinstance(host, str) and host.endswith(".test"):
-            lookups.append(host)
-            script = answers[host]
-            address = script.pop(0) if len(script) > 1 else script[0]
-            family = socket.AF_INET6 if ":" in address else socket.AF_INET
-            return [(family, socket.SOCK_STREAM, 6, "", (address, int(port or 0)))]
-        return real(host, port, *args, **kwargs)
-
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    return answers, lookups
-
-
-@pytest.fixture
-def connects(monkeypatch):
-    """Every TCP connect the HTTP clients make; public addresses are refused (no network in tests)."""
-    seen: list[tuple[str, int]] = []
-    real = httpcore.AnyIOBackend.connect_tcp
-
-    async def connect_tcp(self, host, port, *args, **kwargs):
-        seen.append((host, port))
-        if host == PUBLIC:
-            raise httpcore.ConnectError("no route to the public test address")
-        return await real(self, host, port, *args, **kwargs)
-
-    monkeypatch.setattr(httpcore.AnyIOBackend, "connect_tcp", connect_tcp)
-    return seen
 
 
 @pytest.fixture

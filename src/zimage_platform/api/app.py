@@ -20,6 +20,7 @@ from zimage_platform.api.models.api_router import router as models_router
 from zimage_platform.api.services import PlatformServices
 from zimage_platform.api.usage.api_router import router as usage_router
 from zimage_platform.api.userdata.api_router import install as install_userdata
+from zimage_platform.api.webhooks.api_router import router as webhooks_router
 from zimage_platform.api.workflows.api_router import router as workflows_router
 from zimage_platform.telemetry.context import RequestTrace
 from zimage_platform.telemetry.metrics import metrics
@@ -116,6 +117,7 @@ def create_api(services: PlatformServices) -> FastAPI:
         workflows_router,
         models_router,
         usage_router,
+        webhooks_router,
         health_router,
     ):
         app.include_router(router)
