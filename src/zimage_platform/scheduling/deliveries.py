@@ -71,6 +71,24 @@ class DeliveryOutbox:
     def give_up_at(self, row: WebhookDeliveryRow) -> datetime:
         return row.give_up_at or row.created_at + timedelta(seconds=self.max_age_s)
 
+    def row_for(
+        self, event: WebhookEvent, url: str, *, trace: dict[str, str] | None = None, now: datetime | None = None
+    ) -> WebhookDeliveryRow:
+        """The outbox row of a new event: pending, due now, given up on ``max_age_s`` from now."""
+        now = now or utcnow()
+        return WebhookDeliveryRow(
+            id=event.id,
+            job_id=event.job_id,
+            tenant_id=event.tenant_id,
+            url=url,
+            event_type=event.type,
+            payload={"data": event.data, "created_at": event.created_at.isoformat(), "trace_context": trace},
+            status="pending",
+            attempts=0,
+            created_at=now,
+            give_up_at=now + timedelta(seconds=self.max_age_s),
+        )
+
     def add(self, row: WebhookDeliveryRow) -> None:
         self.store.add_delivery(row)
 

@@ -11,10 +11,8 @@ import asyncio
 import csv
 import io
 import logging
-from datetime import timedelta
 from typing import Any
 
-from zimage_platform.db import utcnow
 from zimage_platform.scheduling.deliveries import DeliveryOutbox, WebhookDispatcher
 from zimage_platform.scheduling.models import TERMINAL, JobRow, WebhookDeliveryRow
 from zimage_platform.scheduling.store import JobStore
@@ -50,23 +48,7 @@ class WebhookNotifier:
             return
         payload = {k.rstrip("_"): v for k, v in data.items()}
         event = WebhookEvent(type=event_type, job_id=job_id, tenant_id=row.tenant_id, data=payload)
-        now = utcnow()
-        delivery = WebhookDeliveryRow(
-            id=event.id,
-            job_id=job_id,
-            tenant_id=row.tenant_id,
-            url=row.webhook_url,
-            event_type=event_type,
-            payload={
-                "data": event.data,
-                "created_at": event.created_at.isoformat(),
-                "trace_context": row.params.get("trace_context"),
-            },
-            status="pending",
-            attempts=0,
-            created_at=now,
-            give_up_at=now + timedelta(seconds=self.outbox.max_age_s),
-        )
+        delivery = self.outbox.row_for(event, row.webhook_url, trace=row.params.get("trace_context"))
         task = asyncio.get_running_loop().create_task(self._store_and_offer(delivery))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
