@@ -162,6 +162,7 @@ async def test_a_comfy_path_key_reaches_no_span_metric_or_log(client: httpx.Asyn
         assert (await bare.get(f"/comfy/{key}/queue")).status_code == 200
         assert (await bare.get(f"/comfy/{key}/api/history", params={"max_items": 1})).status_code == 200
         assert (await bare.get(f"/comfy/{key}/no-such-route")).status_code == 404
+        assert (await bare.get(f"/comfy/{key}")).status_code == 404
     await asyncio.sleep(0.1)
     finished = spans.get_finished_spans()
     server = [s for s in finished if s.kind.name == "SERVER"]

@@ -155,3 +155,5 @@ async def test_key_prefix_rewrites_path_and_header():
     # Not a ComfyUI route: no header, and the key leaves the path all the same (it 404s).
     await ComfyKeyPrefix(app)({"type": "http", "path": "/comfy/zk_a_b/v1/jobs", "headers": []}, None, None)
     assert seen == {"path": "/comfy/-/v1/jobs", "headers": {}}
+    await ComfyKeyPrefix(app)({"type": "http", "path": "/comfy/zk_a_b", "headers": []}, None, None)
+    assert seen == {"path": "/comfy/-", "headers": {}}

@@ -37,7 +37,7 @@ COMFY_ROOTS = frozenset(
 )
 #: Requests that change nothing (no CSRF check for them).
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-_PREFIX = re.compile(r"^/comfy/([^/]+)(/.*)$")
+_PREFIX = re.compile(r"^/comfy/([^/]+)(/.*)?$")
 #: What stands in for a prefix key on a path that is not a ComfyUI route.
 REDACTED = "-"
 
@@ -62,14 +62,14 @@ class ComfyKeyPrefix:
 def _without_key(scope: Scope, match: re.Match[str], root: str) -> Scope:
     """The scope with the key out of its path: for a ComfyUI route it becomes the ``X-API-Key``;
     any other path keeps a placeholder (and 404s), so no later layer ever sees the key."""
-    key, rest = match.group(1), match.group(2)
+    key, rest = match.group(1), match.group(2) or ""
     # The raw path keeps its escapes (``userdata/workflows%2Fa.json``): drop the prefix only.
     raw = scope.get("raw_path") or (root + rest).encode()
-    raw_match = re.match(rb"^(.*?)/comfy/[^/]+(/.*)$", raw)
-    raw_rest = raw_match.group(2) if raw_match else rest.encode()
+    raw_match = re.match(rb"^(.*?)/comfy/[^/]+(/.*)?$", raw)
+    raw_rest = (raw_match.group(2) or b"") if raw_match else rest.encode()
     raw_root = raw_match.group(1) if raw_match else root.encode()
     headers = [(k, v) for k, v in scope["headers"] if k != b"x-api-key"]
-    if rest.split("/")[1] not in COMFY_ROOTS:
+    if rest.partition("/")[2].split("/")[0] not in COMFY_ROOTS:
         return {
             **scope,
             "path": f"{root}/comfy/{REDACTED}{rest}",
