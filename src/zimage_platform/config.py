@@ -402,10 +402,23 @@ class ApiLimits(_Strict):
 class WebhookConfig(_Strict):
     #: Deliver to loopback/private addresses (the embedded default and tests only).
     allow_private: bool = False
-    #: Platform signing secret (``whsec_...``) for tenants without their own; else a file under data_dir.
+    #: Platform master secret: each tenant's signing secret is derived from it (HMAC of the tenant
+    #: id and its secret generation) unless the tenant names its own; else a file under data_dir.
     signing_secret: str | None = None
-    max_attempts: int = Field(8, ge=1)
-    timeout_s: float = Field(10.0, gt=0)
+    #: Seconds one attempt may take in all (connect, send, the answer's head).
+    timeout_s: float = Field(5.0, gt=0)
+    #: Deliveries of one tenant in flight at once: a slow receiver only delays its own tenant.
+    per_tenant_concurrency: int = Field(4, ge=1)
+    #: Retries back off from backoff_s, doubling up to max_backoff_s (±20% jitter) ...
+    backoff_s: float = Field(1.0, gt=0)
+    max_backoff_s: float = Field(3600.0, gt=0)
+    #: ... until the event is this old (from when it was queued or redelivered): then it is a dead
+    #: letter, listed at GET /v1/webhooks/deliveries?status=dead_letter for the tenant to redeliver.
+    max_age_s: float = Field(86400.0, gt=0)
+    #: After a tenant rotates its secret, the previous one still signs (a second signature) this long.
+    rotation_overlap_s: float = Field(86400.0, ge=0)
+    #: How often the outbox is polled for retries that have come due.
+    poll_s: float = Field(1.0, gt=0)
 
 
 class TenancyConfig(_Strict):

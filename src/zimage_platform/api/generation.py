@@ -18,7 +18,7 @@ import httpx
 
 from zimage_platform.api.services import PlatformServices
 from zimage_platform.errors import InvalidRequest, PlatformError
-from zimage_platform.netsafe import IMAGE_URLS
+from zimage_platform.netsafe import IMAGE_URLS, UrlError, failure_reason
 from zimage_platform.pipeline.images import ImageLimits, decode_image
 from zimage_platform.pipeline.params import GenerationParams, resolve_requests
 from zimage_platform.scheduling.models import BatchRow, JobRow
@@ -52,14 +52,16 @@ async def fetch_image_url(services: PlatformServices, tenant: TenantSpec, url: s
         if bucket != services.results.bucket or not key.startswith(prefix):
             raise InvalidRequest(f"no object {url}", code="image_url_not_found", param="image_url")
         return await asyncio.to_thread(services.results.get_bytes, key)
-    await IMAGE_URLS.validate_async(url, allow_private=limits.allow_private_urls)
+    IMAGE_URLS.parse(url)  # scheme, host, credentials; the address is checked as it connects
     try:
-        async with services.http.stream("GET", url, timeout=15.0, follow_redirects=False) as response:
+        # services.http is IMAGE_URLS.client(): it connects only to an address it has checked.
+        async with services.http.stream("GET", url, timeout=15.0) as response:
             if response.status_code != 200:
-                raise InvalidRequest(
-                    f"fetching {url} answered HTTP {response.status_code}",
+                raise UrlError(
+                    f"fetching the image URL answered HTTP {response.status_code}",
                     code="image_url_unreachable",
                     param="image_url",
+                    reason="http_status",
                 )
             declared = int(response.headers.get("content-length") or 0)
             if declared > limits.max_input_image_bytes:
@@ -73,7 +75,11 @@ async def fetch_image_url(services: PlatformServices, tenant: TenantSpec, url: s
                     )
             return bytes(data)
     except httpx.HTTPError as exc:
-        raise InvalidRequest(f"cannot fetch {url}: {exc}", code="image_url_unreachable", param="image_url") from exc
+        # The reason code only: the target's exception text is no business of the caller's.
+        reason = failure_reason(exc)
+        raise UrlError(
+            f"could not fetch the image URL ({reason})", code="image_url_unreachable", param="image_url", reason=reason
+        ) from exc
 
 
 def store_input_image(services: PlatformServices, tenant: TenantSpec, data: bytes, *, param: str = "image"):

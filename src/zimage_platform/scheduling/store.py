@@ -479,24 +479,11 @@ class JobStore:
             row.status, row.manifest_key, row.finished_at = "completed", manifest_key, utcnow()
         return row
 
-    # -- webhook outbox -----------------------------------------------------------------
+    # -- webhook outbox (its state machine: scheduling/deliveries.py) ---------------------
 
     def add_delivery(self, delivery: WebhookDeliveryRow) -> None:
         with self.session() as s, s.begin():
             s.add(delivery)
-
-    def due_deliveries(self, now: datetime | None = None, limit: int = 100) -> list[WebhookDeliveryRow]:
-        now = now or utcnow()
-        with self.session() as s:
-            q = select(WebhookDeliveryRow).where(
-                WebhookDeliveryRow.status == "pending",
-                or_(WebhookDeliveryRow.next_attempt_at.is_(None), WebhookDeliveryRow.next_attempt_at <= now),
-            )
-            return list(s.scalars(q.order_by(WebhookDeliveryRow.created_at).limit(limit)))
-
-    def update_delivery(self, delivery_id: str, **values: Any) -> None:
-        with self.session() as s, s.begin():
-            s.execute(update(WebhookDeliveryRow).where(WebhookDeliveryRow.id == delivery_id).values(**values))
 
     def deliveries(self, job_id: str) -> list[WebhookDeliveryRow]:
         with self.session() as s:

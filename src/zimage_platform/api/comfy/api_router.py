@@ -37,7 +37,9 @@ COMFY_ROOTS = frozenset(
 )
 #: Requests that change nothing (no CSRF check for them).
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-_PREFIX = re.compile(r"^/comfy/([^/]+)(/.*)$")
+_PREFIX = re.compile(r"^/comfy/([^/]+)(/.*)?$")
+#: What stands in for a prefix key on a path that is not a ComfyUI route.
+REDACTED = "-"
 
 
 class ComfyKeyPrefix:
@@ -52,17 +54,30 @@ class ComfyKeyPrefix:
             root, path = scope.get("root_path", ""), scope.get("path", "")
             mounted = bool(root) and path.startswith(root)
             match = _PREFIX.match(path[len(root) :] if mounted else path)
-            if match and match.group(2).split("/")[1] in COMFY_ROOTS:
-                key, rest = match.group(1), (root if mounted else "") + match.group(2)
-                headers = [(k, v) for k, v in scope["headers"] if k != b"x-api-key"]
-                if not any(k == b"authorization" for k, _ in headers):
-                    headers.append((b"x-api-key", key.encode("latin-1")))
-                # The raw path keeps its escapes (``userdata/workflows%2Fa.json``): drop the prefix only.
-                raw = scope.get("raw_path") or rest.encode()
-                raw_match = re.match(rb"^(.*?)/comfy/[^/]+(/.*)$", raw)
-                raw = raw_match.group(1) + raw_match.group(2) if raw_match else rest.encode()
-                scope = {**scope, "path": rest, "raw_path": raw, "headers": headers}
+            if match:
+                scope = _without_key(scope, match, root if mounted else "")
         await self.app(scope, receive, send)
+
+
+def _without_key(scope: Scope, match: re.Match[str], root: str) -> Scope:
+    """The scope with the key out of its path: for a ComfyUI route it becomes the ``X-API-Key``;
+    any other path keeps a placeholder (and 404s), so no later layer ever sees the key."""
+    key, rest = match.group(1), match.group(2) or ""
+    # The raw path keeps its escapes (``userdata/workflows%2Fa.json``): drop the prefix only.
+    raw = scope.get("raw_path") or (root + rest).encode()
+    raw_match = re.match(rb"^(.*?)/comfy/[^/]+(/.*)?$", raw)
+    raw_rest = (raw_match.group(2) or b"") if raw_match else rest.encode()
+    raw_root = raw_match.group(1) if raw_match else root.encode()
+    headers = [(k, v) for k, v in scope["headers"] if k != b"x-api-key"]
+    if rest.partition("/")[2].split("/")[0] not in COMFY_ROOTS:
+        return {
+            **scope,
+            "path": f"{root}/comfy/{REDACTED}{rest}",
+            "raw_path": raw_root + b"/comfy/" + REDACTED.encode() + raw_rest,
+        }
+    if not any(k == b"authorization" for k, _ in headers):
+        headers.append((b"x-api-key", key.encode("latin-1")))
+    return {**scope, "path": root + rest, "raw_path": raw_root + raw_rest, "headers": headers}
 
 
 def comfy(request: Request) -> ComfyService:
@@ -339,9 +354,8 @@ async def _comfy_error(_: Request, exc: ComfyError) -> ComfyJSONResponse:
 
 
 def install(app: FastAPI) -> None:
-    """Mount the routes (bare and under ``/api``), their error shape and the key prefix.
-    Call last: the prefix rewrite must run before every other middleware sees the path."""
+    """Mount the routes (bare and under ``/api``) and their error shape. :class:`ComfyKeyPrefix`
+    is not added here: ``create_api`` runs it before the tracing middleware, first of all."""
     app.include_router(router)
     app.include_router(router, prefix="/api", include_in_schema=False)
     app.add_exception_handler(ComfyError, _comfy_error)
-    app.add_middleware(ComfyKeyPrefix)
