@@ -394,6 +394,11 @@ class TenancyConfig(_Strict):
     redis_url: str | None = None
     #: Key prefix in Redis (several platforms or test runs can share one server).
     redis_prefix: str = "zimage"
+    #: Connect and read timeout of each rate-limit call to Redis (no retries).
+    redis_timeout_s: float = Field(0.25, gt=0)
+    #: After Redis failed, how long it is not dialled (requests/min then count on this replica's
+    #: share of the limit, images/min answer 503 ``rate_limiter_unavailable``); then it is probed.
+    redis_retry_s: float = Field(5.0, gt=0)
     #: A content policy file replacing the one packaged with the platform (bilingual blocked
     #: terms); unset: the packaged policy. Tenants add or disable rules in their own files.
     policy_file: Path | None = None

@@ -200,7 +200,7 @@ async def submit(services: PlatformServices, tenant: TenantSpec, job: NewJob) ->
     spending the tenant's limits again."""
     if job.idempotency_key and (existing := await asyncio.to_thread(services.store.find_idempotent, job)):
         return existing, False
-    services.rate_limiter.check_images(tenant.id, tenant.limits.images_per_minute, len(job.seeds))
+    await services.rate_limiter.acheck_images(tenant.id, tenant.limits.images_per_minute, len(job.seeds))
     async with services.submit_gates.enter(job.priority_class):
         return await services.scheduler.submit(job)
 
@@ -213,7 +213,7 @@ async def submit_and_wait(
     Idempotency-Key waits for the earlier job (its PNGs are then read from S3)."""
     replay = job.idempotency_key and await asyncio.to_thread(services.store.find_idempotent, job)
     if not replay:
-        services.rate_limiter.check_images(tenant.id, tenant.limits.images_per_minute, len(job.seeds))
+        await services.rate_limiter.acheck_images(tenant.id, tenant.limits.images_per_minute, len(job.seeds))
     async with services.submit_gates.enter(job.priority_class):
         return await services.scheduler.submit_and_wait(job, services.config.limits.sync_timeout_s, inline=inline)
 
