@@ -369,6 +369,12 @@ class ApiLimits(_Strict):
     max_batch_rows: int = Field(10_000, ge=1)
     #: Seconds a synchronous ``/v1/images/generations`` call may wait before 504.
     sync_timeout_s: float = Field(300.0, gt=0)
+    #: Open event streams (ComfyUI WebSockets and job SSE together) of one tenant on one ingress
+    #: replica; over it: SSE 429 / WebSocket close 4429, ``too_many_streams``.
+    max_streams_per_tenant: int = Field(32, ge=1)
+    #: How often an open stream re-checks its caller (key, tenant, browser session) between
+    #: events; the key and tenant are also checked before every event.
+    stream_recheck_s: float = Field(15.0, gt=0)
     #: Fetching input images by URL: allow private/loopback hosts (embedded default only).
     allow_private_urls: bool = False
 
