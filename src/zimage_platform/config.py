@@ -17,7 +17,7 @@ from decimal import Decimal
 from functools import cached_property
 from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
@@ -308,9 +308,23 @@ class PoolConfig(_Strict):
     queue_deadline_s: dict[str, float] = Field(
         default_factory=lambda: {"realtime": 30.0, "standard": 600.0, "bulk": 86_400.0}
     )
+    #: The most of a class's queue bound one tenant's waiting images may take, per class
+    #: (``default`` for the rest), in (0, 1]: a tenant over its share gets 429
+    #: ``tenant_queue_share`` while other tenants of the class are still admitted.
+    tenant_share: dict[PriorityClass | Literal["default"], Annotated[float, Field(gt=0, le=1)]] = Field(
+        default_factory=lambda: {"default": 0.5}
+    )
 
     def wait_s(self, bucket: str) -> float:
         return self.max_wait_ms.get(bucket, self.max_wait_ms.get("default", 25.0)) / 1000
+
+    def tenant_bound(self, priority: str) -> int | None:
+        """Images one tenant may have waiting in ``priority``'s queue (``None``: unbounded)."""
+        bound = self.queue_bound.get(priority)
+        if bound is None:
+            return None
+        share = self.tenant_share.get(priority, self.tenant_share.get("default", 1.0))  # type: ignore[call-overload]
+        return max(1, int(bound * share))
 
     def batch_cap(self, bucket: str) -> int | None:
         return self.max_batch.get(bucket, self.max_batch.get("default"))
@@ -377,6 +391,18 @@ class ApiLimits(_Strict):
     stream_recheck_s: float = Field(15.0, gt=0)
     #: Fetching input images by URL: allow private/loopback hosts (embedded default only).
     allow_private_urls: bool = False
+    #: Workflow graphs as stored (a ComfyUI prompt, a saved workflow): compact JSON bytes and
+    #: nodes. The largest official template is ~200 nodes.
+    max_graph_bytes: int = Field(1024 * 1024, ge=1024)
+    max_graph_nodes: int = Field(1000, ge=1)
+    #: A ComfyUI prompt's ``extra_data`` as stored: the frontend puts its whole UI workflow in
+    #: it (``extra_pnginfo.workflow``; the largest official template is ~200 KB of JSON).
+    max_extra_data_bytes: int = Field(1024 * 1024, ge=1024)
+    #: ComfyUI listings (``/history``, ``/queue``, ``/api/jobs``): items per page when the caller
+    #: names no size, the most per page, and the most graph + extra_data bytes one response holds.
+    history_page_items: int = Field(100, ge=1)
+    max_page_items: int = Field(500, ge=1)
+    max_listing_bytes: int = Field(64 * 1024 * 1024, ge=1024 * 1024)
 
 
 class WebhookConfig(_Strict):

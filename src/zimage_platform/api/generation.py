@@ -21,7 +21,7 @@ from zimage_platform.errors import InvalidRequest, PlatformError
 from zimage_platform.netsafe import IMAGE_URLS
 from zimage_platform.pipeline.images import ImageLimits, decode_image
 from zimage_platform.pipeline.params import GenerationParams, resolve_requests
-from zimage_platform.scheduling.models import JobRow
+from zimage_platform.scheduling.models import BatchRow, JobRow
 from zimage_platform.scheduling.service import Submitted
 from zimage_platform.scheduling.store import NewJob, new_id
 from zimage_platform.telemetry.context import RequestTrace
@@ -51,7 +51,7 @@ async def fetch_image_url(services: PlatformServices, tenant: TenantSpec, url: s
         # Isolation: another tenant's object (or another bucket) is simply not found.
         if bucket != services.results.bucket or not key.startswith(prefix):
             raise InvalidRequest(f"no object {url}", code="image_url_not_found", param="image_url")
-        return services.results.get_bytes(key)
+        return await asyncio.to_thread(services.results.get_bytes, key)
     await IMAGE_URLS.validate_async(url, allow_private=limits.allow_private_urls)
     try:
         async with services.http.stream("GET", url, timeout=15.0, follow_redirects=False) as response:
@@ -107,10 +107,12 @@ def prepare_job(
     idempotency_key: str | None = None,
     body_hash: str | None = None,
     webhook_url: str | None = None,
+    webhook_checked: bool = False,
     batch_id: str | None = None,
     batch_row: int | None = None,
 ) -> NewJob:
-    """Validate everything now (nothing invalid is ever queued) and describe the job to write."""
+    """Validate everything now (nothing invalid is ever queued) and describe the job to write.
+    ``webhook_checked``: the caller validated ``webhook_url`` already (a bulk batch, once for all rows)."""
     config = services.config
     spec = config.variant(variant)
     if tenant.limits.allowed_variants and variant not in tenant.limits.allowed_variants:
@@ -151,7 +153,7 @@ def prepare_job(
                 trace_id=trace.trace_id,
             )
             raise PolicyViolation(f"the request was blocked by content policy rule {hit.rule_id}", param=param)
-    if webhook_url is not None:
+    if webhook_url is not None and not webhook_checked:
         from zimage_platform.scheduling.webhooks import validate_webhook_url
 
         validate_webhook_url(webhook_url, allow_private=config.webhooks.allow_private)
@@ -210,12 +212,27 @@ async def submit_and_wait(
 ) -> Submitted:
     """:func:`submit` for the synchronous APIs, in one call to the scheduler: the job comes back
     finished (no read of the job store), with its PNGs when ``inline``. A replayed
-    Idempotency-Key waits for the earlier job (its PNGs are then read from S3)."""
+    Idempotency-Key waits for the earlier job (its PNGs are then read from S3). The class's
+    submit gate is held only until the job is admitted, not while its images are made."""
     replay = job.idempotency_key and await asyncio.to_thread(services.store.find_idempotent, job)
     if not replay:
         await services.rate_limiter.acheck_images(tenant.id, tenant.limits.images_per_minute, len(job.seeds))
-    async with services.submit_gates.enter(job.priority_class):
-        return await services.scheduler.submit_and_wait(job, services.config.limits.sync_timeout_s, inline=inline)
+    async with services.submit_gates.enter(job.priority_class) as leave:
+        return await services.scheduler.submit_and_wait(
+            job, services.config.limits.sync_timeout_s, inline=inline, on_admitted=leave
+        )
+
+
+async def submit_batch(services: PlatformServices, tenant: TenantSpec, jobs: list[NewJob], batch: BatchRow) -> None:
+    """A bulk batch through the same tenant admission as a job: images per minute (a file with
+    more than a minute's worth spends the whole minute: it is admitted when the tenant's window
+    is empty), then the scheduler's (queue bound and the tenant's share of it, one concurrency
+    slot, quota), which writes the batch and its jobs in one transaction, or nothing."""
+    per_minute = tenant.limits.images_per_minute
+    images = sum(len(job.seeds) for job in jobs)
+    await services.rate_limiter.acheck_images(tenant.id, per_minute, min(images, per_minute))
+    async with services.submit_gates.enter(jobs[0].priority_class):
+        await services.scheduler.submit_many(jobs, batch)
 
 
 def job_view(services: PlatformServices, row: JobRow, *, presign: bool = True) -> dict[str, Any]:

@@ -89,7 +89,10 @@ class BatchRow(Base):
     """A bulk submission (CSV / JSONL): its rows become jobs with ``batch_id`` set."""
 
     __tablename__ = "batches"
-    __table_args__ = (Index("ix_batches_tenant_created", "tenant_id", "created_at"),)
+    __table_args__ = (
+        Index("ix_batches_tenant_created", "tenant_id", "created_at"),
+        UniqueConstraint("tenant_id", "idempotency_key", name="uq_batches_tenant_idempotency"),
+    )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(String(64))
@@ -100,6 +103,9 @@ class BatchRow(Base):
     rejected: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
     manifest_key: Mapped[str | None] = mapped_column(Text)
     webhook_url: Mapped[str | None] = mapped_column(Text)
+    #: Same key + same request (template, defaults, file) → the same batch; another request → 409.
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    request_hash: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 

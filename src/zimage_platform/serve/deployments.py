@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from ray import serve
@@ -23,7 +23,7 @@ from ray.serve.handle import DeploymentHandle
 from zimage_platform.api import create_api
 from zimage_platform.config import PlatformConfig
 from zimage_platform.errors import PlatformError
-from zimage_platform.scheduling.models import JobRow
+from zimage_platform.scheduling.models import BatchRow, JobRow
 from zimage_platform.scheduling.service import Submitted
 from zimage_platform.scheduling.store import NewJob
 from zimage_platform.scheduling.work import Batch, BatchOutcome, EngineReleased, Progress, follow
@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 HEARTBEAT_S = 2.0
 #: A replica not heard from for this long no longer counts as capacity.
 HEARTBEAT_TIMEOUT_S = 3 * HEARTBEAT_S
+#: The first answer of a streamed ``submit_and_wait``: the job is written and queued.
+ADMITTED = "admitted"
 
 
 def _config(data: dict[str, Any]) -> PlatformConfig:
@@ -196,17 +198,29 @@ class Scheduler:
         except PlatformError as exc:
             return _err(exc)
 
-    async def submit_and_wait(self, job: NewJob, wait_s: float, inline: bool = False) -> dict[str, Any]:
+    async def submit_and_wait(self, job: NewJob, wait_s: float, inline: bool = False) -> AsyncIterator[dict[str, Any]]:
+        """Streamed: ``ADMITTED`` once the job is written and queued (the ingress then lets its
+        class's next submission in), then the :class:`Submitted` (or the refusal)."""
         await self._started
+        admitted = asyncio.Event()
+        call = asyncio.ensure_future(self.service.submit_and_wait(job, wait_s, inline=inline, on_admitted=admitted.set))
         try:
-            return _ok(await self.service.submit_and_wait(job, wait_s, inline=inline))
-        except PlatformError as exc:
-            return _err(exc)
+            signal = asyncio.ensure_future(admitted.wait())
+            await asyncio.wait({call, signal}, return_when=asyncio.FIRST_COMPLETED)
+            signal.cancel()
+            if admitted.is_set():
+                yield _ok(ADMITTED)
+            try:
+                yield _ok(await call)
+            except PlatformError as exc:
+                yield _err(exc)
+        finally:
+            call.cancel()  # the caller went away: stop waiting (the job itself goes on)
 
-    async def submit_many(self, jobs: list[NewJob]) -> dict[str, Any]:
+    async def submit_many(self, jobs: list[NewJob], batch: BatchRow | None = None) -> dict[str, Any]:
         await self._started
         try:
-            rows = await self.service.submit_many(jobs)
+            rows = await self.service.submit_many(jobs, batch)
         except PlatformError as exc:
             return _err(exc)
         return _ok([r.id for r in rows])
@@ -251,11 +265,21 @@ class RaySchedulerClient:
         row, created = _unwrap(await self.handle.submit.remote(job, check_queue))
         return row, created
 
-    async def submit_and_wait(self, job: NewJob, wait_s: float, *, inline: bool = False) -> Submitted:
-        return _unwrap(await self.handle.submit_and_wait.remote(job, wait_s, inline))
+    async def submit_and_wait(
+        self, job: NewJob, wait_s: float, *, inline: bool = False, on_admitted: Callable[[], None] | None = None
+    ) -> Submitted:
+        stream = self.handle.options(stream=True).submit_and_wait.remote(job, wait_s, inline)
+        async for message in stream:
+            value = _unwrap(message)
+            if value == ADMITTED:
+                if on_admitted is not None:
+                    on_admitted()
+                continue
+            return value
+        raise RuntimeError("the scheduler ended submit_and_wait without an answer")
 
-    async def submit_many(self, jobs: list[NewJob]) -> list[str]:
-        return _unwrap(await self.handle.submit_many.remote(jobs))
+    async def submit_many(self, jobs: list[NewJob], batch: BatchRow | None = None) -> list[str]:
+        return _unwrap(await self.handle.submit_many.remote(jobs, batch))
 
     async def cancel(self, job_id: str, tenant_id: str) -> None:
         _unwrap(await self.handle.cancel.remote(job_id, tenant_id))

@@ -231,11 +231,13 @@ class TenantRateLimiter:
         return self._shared is not None and self.breaker.would_allow()
 
     async def acheck_request(self, tenant_id: str, per_minute: int) -> RateDecision:
+        """:meth:`check_request` in a worker thread when it talks to Redis, else inline."""
         if self._dials():
-            return await asyncio.to_thread(self._request, tenant_id, per_minute)
+            return await asyncio.to_thread(self.check_request, tenant_id, per_minute)
         return self._request(tenant_id, per_minute, dial=False)
 
     async def acheck_images(self, tenant_id: str, per_minute: int, images: int) -> RateDecision:
+        """:meth:`check_images` in a worker thread when it talks to Redis, else inline."""
         if self._dials():
-            return await asyncio.to_thread(self._images, tenant_id, per_minute, images)
+            return await asyncio.to_thread(self.check_images, tenant_id, per_minute, images)
         return self._images(tenant_id, per_minute, images, dial=False)

@@ -9,7 +9,6 @@ header before routing, so the key never reaches route names, metrics or trace at
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 from typing import Annotated, Any
 
@@ -18,6 +17,7 @@ from starlette.datastructures import UploadFile
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from zimage_platform.api import deps, streams
+from zimage_platform.api.body import NonFiniteNumber, loads
 from zimage_platform.api.comfy import protocol
 from zimage_platform.api.comfy.protocol import ComfyError, ComfyJSONResponse
 from zimage_platform.api.comfy.serving import ComfyService, convert_view
@@ -103,7 +103,9 @@ async def _json(request: Request, *, empty_ok: bool = False) -> Any:
     if not raw.strip() and empty_ok:
         return {}
     try:
-        return json.loads(raw)
+        return loads(raw)
+    except NonFiniteNumber as exc:
+        raise ComfyError.of(400, exc.code, exc.message, "body") from None
     except ValueError:
         raise ComfyError.of(400, "invalid_json", "The request body is not valid JSON.") from None
 
@@ -233,7 +235,8 @@ async def view(
     preview: str | None = None,
     channel: str | None = None,
 ) -> Response:
-    """A file by ComfyUI name, from S3: the tenant's uploads and generated images only."""
+    """A file by ComfyUI name, from S3: the tenant's uploads and generated images only, served
+    as the image type its bytes are (PNG, JPEG, WebP; never what its name suggests)."""
     if not filename:
         return Response(status_code=404)
     if filename.startswith("/") or ".." in filename or ".." in subfolder.split("/"):
@@ -242,14 +245,16 @@ async def view(
     if found is None:
         return Response(status_code=404)
     data, name = found
-    body, media_type = await asyncio.to_thread(convert_view, data, name, preview, channel)  # Pillow
-    return Response(body, media_type=media_type, headers={"Content-Disposition": f'filename="{name}"'})
+    body, media_type = await asyncio.to_thread(convert_view, data, preview, channel)  # Pillow
+    headers = {"Content-Disposition": protocol.content_disposition(name), "X-Content-Type-Options": "nosniff"}
+    return Response(body, media_type=media_type, headers=headers)
 
 
 @router.post("/upload/image")
 async def upload_image(request: Request, service: Comfy, tenant: Tenant) -> dict:
-    """Multipart ``image`` (+ ``type``, ``subfolder``, ``overwrite``): PNG, JPEG or WebP within the
-    platform's input-image limits; the same name with other bytes becomes ``name (1).png``."""
+    """Multipart ``image`` (+ ``type``, ``subfolder``, ``overwrite``): PNG, JPEG or WebP (by its
+    bytes, decoded in a worker thread) within the platform's input-image limits; the same name
+    with other bytes becomes ``name (1).png``."""
     limit = service.services.config.limits.max_input_image_bytes
     try:
         form = await request.form(max_files=1, max_fields=16, max_part_size=limit + 1024)
@@ -284,8 +289,9 @@ async def get_object_info_node(node_class: str, service: Comfy, tenant: Tenant) 
 
 
 @router.get("/system_stats")
-async def get_system_stats(service: Comfy, tenant: Tenant) -> dict:
-    return await service.system_stats()
+def get_system_stats(service: Comfy, tenant: Tenant) -> dict:
+    """A sync route: FastAPI runs it in its thread pool (it reads /proc and package metadata)."""
+    return service.system_stats()
 
 
 @router.get("/features")
@@ -320,8 +326,8 @@ async def websocket(websocket: WebSocket, clientId: str | None = None) -> None:
         tenant = None
         if key is None:  # a browser: its session cookie, from a page of this host only
             tenant = await asyncio.to_thread(frontend(websocket.app).cookie_tenant, websocket, changes_state=True)
-        if tenant is None:
-            tenant = service.services.tenants.authenticate(key)
+        if tenant is None:  # reads tenant files, hashes the key: a worker thread's work
+            tenant = await asyncio.to_thread(service.services.tenants.authenticate, key)
     except PlatformError as exc:
         await websocket.close(code=1008, reason=f"{exc.code}: {exc.message}"[:120])
         return
