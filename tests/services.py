@@ -120,38 +120,50 @@ def _postgres_port() -> Iterator[int]:
 # -- Redis ----------------------------------------------------------------------------------
 
 
+class RedisServer:
+    """A private ``redis-server`` on a free port (no persistence) that a test may stop and start
+    again on the same port: a real outage of the one server it uses."""
+
+    def __init__(self) -> None:
+        self.port = _free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._workdir = Path(tempfile.mkdtemp(prefix="zimage-redis-"))
+        self._proc: subprocess.Popen | None = None
+
+    def start(self) -> RedisServer:
+        command = [shutil.which("redis-server") or "redis-server", "--port", str(self.port), "--bind", "127.0.0.1"]
+        command += ["--save", "", "--appendonly", "no", "--dir", str(self._workdir)]
+        self._proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_for(self.port)
+        return self
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            self._proc.send_signal(signal.SIGTERM)
+            self._proc.wait(timeout=10)
+            self._proc = None
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+        shutil.rmtree(self._workdir, ignore_errors=True)
+
+
 @contextmanager
 def redis_url() -> Iterator[str]:
     """A Redis URL: the machine's own server, or a private one on a free port."""
     if _answers("127.0.0.1", 6379):
         yield "redis://127.0.0.1:6379/0"
         return
-    port = _free_port()
-    workdir = Path(tempfile.mkdtemp(prefix="zimage-redis-"))
-    proc = subprocess.Popen(
-        [
-            shutil.which("redis-server") or "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        _wait_for(port)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=10)
-        shutil.rmtree(workdir, ignore_errors=True)
+    with RedisServer() as server:
+        yield server.url
+
+
+def closed_port() -> int:
+    """A local port nothing listens on (connections are refused at once)."""
+    return _free_port()
 
 
 def wait_http_ready(url: str, timeout: float = 300) -> None:

@@ -383,6 +383,12 @@ class ApiLimits(_Strict):
     max_batch_rows: int = Field(10_000, ge=1)
     #: Seconds a synchronous ``/v1/images/generations`` call may wait before 504.
     sync_timeout_s: float = Field(300.0, gt=0)
+    #: Open event streams (ComfyUI WebSockets and job SSE together) of one tenant on one ingress
+    #: replica; over it: SSE 429 / WebSocket close 4429, ``too_many_streams``.
+    max_streams_per_tenant: int = Field(32, ge=1)
+    #: How often an open stream re-checks its caller (key, tenant, browser session) between
+    #: events; the key and tenant are also checked before every event.
+    stream_recheck_s: float = Field(15.0, gt=0)
     #: Fetching input images by URL: allow private/loopback hosts (embedded default only).
     allow_private_urls: bool = False
     #: Workflow graphs as stored (a ComfyUI prompt, a saved workflow): compact JSON bytes and
@@ -433,6 +439,11 @@ class TenancyConfig(_Strict):
     redis_url: str | None = None
     #: Key prefix in Redis (several platforms or test runs can share one server).
     redis_prefix: str = "zimage"
+    #: Connect and read timeout of each rate-limit call to Redis (no retries).
+    redis_timeout_s: float = Field(0.25, gt=0)
+    #: After Redis failed, how long it is not dialled (requests/min then count on this replica's
+    #: share of the limit, images/min answer 503 ``rate_limiter_unavailable``); then it is probed.
+    redis_retry_s: float = Field(5.0, gt=0)
     #: A content policy file replacing the one packaged with the platform (bilingual blocked
     #: terms); unset: the packaged policy. Tenants add or disable rules in their own files.
     policy_file: Path | None = None

@@ -411,3 +411,113 @@ def test_a_recovered_job_whose_images_are_all_stored_just_finishes(make_schedule
 
     done = run(go())
     assert done.status == "succeeded" and done.images[0].s3_key == "tenants/acme/kept.png"
+
+
+def test_a_requeued_job_whose_images_are_all_done_finishes_when_claimed_again(make_scheduler, database_url):
+    """Issue 12, item 6: this scheduler queued a job; another one ran it, recorded its image and
+    died before finishing it; its lease lapsed and the job is queued again. When this scheduler
+    claims it, there is nothing left to generate: the job must succeed with the stored image,
+    without running anything again (here a re-run would fail: the job would end failed with its
+    image delivered and billed)."""
+    store = JobStore(create_db_engine(database_url))
+    kept = StoredImage(
+        s3_key="tenants/acme/other.png", sha256="ab" * 32, size_bytes=1, timings=[], batch_size=1, engine_s=0
+    )
+
+    async def go():
+        scheduler = await make_scheduler(capacity=0)  # the job waits in this scheduler's queue
+        runs: list[int] = []
+        engines = scheduler.engines
+
+        async def lost_replica(batch, *args, **kwargs):
+            runs.append(len(batch.items))
+            raise RuntimeError("engine replica lost")
+
+        engines.run = lost_replica
+        row, _ = await scheduler.submit(job(n=1))
+        await asyncio.to_thread(store.claim, row.id, "other-scheduler", 0.01)
+        await asyncio.to_thread(store.record_image, row.id, 0, kept)
+        requeued = await asyncio.to_thread(store.requeue_expired, utcnow() + timedelta(seconds=1))
+        assert [r.status for r in requeued] == ["queued"]
+        scheduler.set_capacity("cpu", "turbo", 1)
+        done = await scheduler.wait(row.id, timeout_s=30)
+        await scheduler.stop()
+        return done, runs
+
+    done, runs = run(go())
+    assert done.status == "succeeded" and done.images[0].s3_key == "tenants/acme/other.png"
+    assert runs == []  # nothing generated again
+
+
+def _outage_before(store: JobStore, method: str, postgres_url: str, cuts: list) -> None:
+    """The database at ``postgres_url`` goes away just before ``store.<method>`` is first called."""
+    from services import postgres_outage
+
+    real = getattr(store, method)
+
+    def cut_then_call(*args, **kwargs):
+        if not cuts:
+            cut = postgres_outage(postgres_url)
+            cut.__enter__()
+            cuts.append(cut)
+        return real(*args, **kwargs)
+
+    setattr(store, method, cut_then_call)
+
+
+def _outage_config(config):
+    fast = {"db_retry_s": 0.5, "lease_s": 1.5, "sweep_interval_s": 0.2}
+    return config.model_copy(update={"scheduler": config.scheduler.model_copy(update=fast)})
+
+
+@pytest.mark.parametrize("step", ["claim_many", "finish"])
+def test_a_database_outage_while_claiming_or_finishing_strands_nothing(
+    step, config, postgres_url, results, torch_engine
+):
+    """Issue 12, item 5 (the claim and the finish; the record is tested above): the database goes
+    away just before the scheduler leases a batch's jobs, or just before it finishes a recovered
+    job whose image is already stored. After the retries give up, the job is let go (the tenant's
+    concurrency released); a batch that cannot be leased goes back to the queue (the job is
+    still queued in the database: nothing to recover). Once the database answers, the job runs,
+    or finishes, all the same."""
+    from zimage_platform.db import upgrade
+
+    engine = create_db_engine(postgres_url)
+    upgrade(engine)
+    store = JobStore(engine)
+    tenant = f"outage-{step}"
+    kept = StoredImage(
+        s3_key="tenants/x/kept.png", sha256="ab" * 32, size_bytes=1, timings=[], batch_size=1, engine_s=0
+    )
+    cuts: list = []
+
+    async def go():
+        scheduler = SchedulerService(
+            _outage_config(config), store, LocalEngineClient({("cpu", "turbo"): EngineRunner(torch_engine, results)})
+        )
+        if step == "claim_many":
+            await scheduler.start()
+            row, _ = await scheduler.submit(job(tenant=tenant))
+        else:  # a job another scheduler stored the image of, then died: recovery only has to finish it
+            row, _ = await asyncio.to_thread(store.create, job(tenant=tenant))
+            await asyncio.to_thread(store.claim, row.id, "crashed-scheduler", 0.01)
+            await asyncio.to_thread(store.record_image, row.id, 0, kept)
+            await asyncio.sleep(0.05)
+        _outage_before(store, step, postgres_url, cuts)
+        scheduler.set_capacity("cpu", "turbo", 1)
+        if step == "finish":
+            await scheduler.start()
+        await asyncio.sleep(1.5)  # the retries (db_retry_s) give up meanwhile
+        held = scheduler.tenant_jobs(tenant)
+        cuts[0].__exit__(None, None, None)
+        done = await scheduler.wait(row.id, timeout_s=30)
+        await scheduler.stop()
+        return held, done
+
+    held, done = run(go())
+    assert cuts and done.status == "succeeded"
+    if step == "claim_many":  # still waiting in this scheduler's queue, run once the database is back
+        assert held == 1 and done.attempts == 1
+    else:  # let go for recovery, then finished without generating anything
+        assert held == 0 and done.images[0].s3_key == "tenants/x/kept.png"
+    engine.dispose()

@@ -82,6 +82,20 @@ def test_async_job_with_sse_over_real_http(serve_app, serve_keys):
     assert other.status_code == 404
 
 
+async def test_typed_errors_cross_the_scheduler_handle_as_themselves(serve_app, serve_config):
+    """The scheduler deployment's expected errors reach the ingress as their own classes
+    (JobNotFound, not a bare PlatformError), so its ``except JobNotFound`` handlers work."""
+    from ray import serve
+
+    from zimage_platform.scheduling.store import JobNotFound
+    from zimage_platform.serve.deployments import RaySchedulerClient
+
+    handle = serve.get_deployment_handle("Scheduler", app_name=serve_config.serve.app_name)
+    with pytest.raises(JobNotFound) as raised:
+        await RaySchedulerClient(handle).cancel("job_that_does_not_exist", "acme")
+    assert type(raised.value) is JobNotFound and raised.value.param == "job_id"
+
+
 def test_a_bulk_batch_and_an_idempotent_replay_over_ray(serve_app, serve_keys):
     """The batch row travels to the scheduler deployment with its jobs (one transaction there);
     a replay with the same Idempotency-Key answers the same batch, and it completes."""

@@ -208,10 +208,7 @@ async def submit(services: PlatformServices, tenant: TenantSpec, job: NewJob) ->
     spending the tenant's limits again."""
     if job.idempotency_key and (existing := await asyncio.to_thread(services.store.find_idempotent, job)):
         return existing, False
-    # A Redis round trip with the redis backend: never on the event loop.
-    await asyncio.to_thread(
-        services.rate_limiter.check_images, tenant.id, tenant.limits.images_per_minute, len(job.seeds)
-    )
+    await services.rate_limiter.acheck_images(tenant.id, tenant.limits.images_per_minute, len(job.seeds))
     async with services.submit_gates.enter(job.priority_class):
         return await services.scheduler.submit(job)
 
@@ -225,9 +222,7 @@ async def submit_and_wait(
     submit gate is held only until the job is admitted, not while its images are made."""
     replay = job.idempotency_key and await asyncio.to_thread(services.store.find_idempotent, job)
     if not replay:
-        await asyncio.to_thread(
-            services.rate_limiter.check_images, tenant.id, tenant.limits.images_per_minute, len(job.seeds)
-        )
+        await services.rate_limiter.acheck_images(tenant.id, tenant.limits.images_per_minute, len(job.seeds))
     async with services.submit_gates.enter(job.priority_class) as leave:
         return await services.scheduler.submit_and_wait(
             job, services.config.limits.sync_timeout_s, inline=inline, on_admitted=leave
@@ -241,7 +236,7 @@ async def submit_batch(services: PlatformServices, tenant: TenantSpec, jobs: lis
     slot, quota), which writes the batch and its jobs in one transaction, or nothing."""
     per_minute = tenant.limits.images_per_minute
     images = sum(len(job.seeds) for job in jobs)
-    await asyncio.to_thread(services.rate_limiter.check_images, tenant.id, per_minute, min(images, per_minute))
+    await services.rate_limiter.acheck_images(tenant.id, per_minute, min(images, per_minute))
     async with services.submit_gates.enter(jobs[0].priority_class):
         await services.scheduler.submit_many(jobs, batch)
 

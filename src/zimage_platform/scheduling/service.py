@@ -208,6 +208,9 @@ class SchedulerService:
         self._cancelled_items: set[str] = set()
         #: Running jobs a client cancelled (their images stop at the next step boundary).
         self._cancelling: set[str] = set()
+        #: Finishes the database refused (job → status, code, message): the sweep tries again, since
+        #: a queued job let go has no lease to lapse and would otherwise wait for a restart.
+        self._unfinished: dict[str, tuple[str, str | None, str | None]] = {}
         #: Monthly image usage per tenant: (counted at, month, images).
         self._usage: dict[str, tuple[float, datetime, int]] = {}
         #: PNGs of jobs whose synchronous caller waits for them inline (job → index → bytes).
@@ -579,7 +582,15 @@ class SchedulerService:
                 self._active.pop(job_id, None)
                 continue
             active.row = row
-            job_items = [i for i in batch.items if i.job_id == job_id]
+            # Images stored meanwhile (by a scheduler whose lease lapsed before it finished the
+            # job) are not run again; a job with nothing left simply finishes.
+            stored = {image.index for image in row.images if image.status == "done"}
+            active.remaining -= stored
+            job_items = [i for i in batch.items if i.job_id == job_id and i.index not in stored]
+            if not job_items:
+                if (finish := self._settlement(job_id, active)) is not None:
+                    await self._finish(job_id, finish.status, finish.code, finish.message)
+                continue
             active.inflight.update(i.index for i in job_items)
             kept += job_items
             if not active.started:
@@ -764,7 +775,9 @@ class SchedulerService:
             log.exception("cannot finish job %s as %s: letting it go for recovery", job_id, status)
             self.dispatcher.remove_job(job_id)
             self._active.pop(job_id, None)
+            self._unfinished[job_id] = (status, code, message)
             return None
+        self._unfinished.pop(job_id, None)
         self._finished(row)
         return row
 
@@ -807,7 +820,7 @@ class SchedulerService:
 
     async def sweep(self) -> None:
         """Renew our leases; re-queue jobs whose owner's lease ran out (a job cancelled meanwhile
-        is finished as cancelled by the store); fail expired deadlines."""
+        is finished as cancelled by the store); finish the jobs the database refused to finish."""
         ours = [job_id for job_id, a in self._active.items() if a.started]
         await asyncio.to_thread(self.store.renew, ours, self.owner, self.config.scheduler.lease_s)
         for row in await asyncio.to_thread(self.store.requeue_expired):
@@ -817,6 +830,8 @@ class SchedulerService:
                 self._emit(row, "cancelled", reason=row.error_code)
             elif row.id not in self._active:
                 await self._enqueue(row)
+        for job_id, (status, code, message) in list(self._unfinished.items()):
+            await self._finish(job_id, status, code, message)
 
     # -- observability ------------------------------------------------------------------
 

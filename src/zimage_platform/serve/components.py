@@ -77,7 +77,14 @@ def scheduler_service(
 
 def rate_limiter(config: PlatformConfig) -> TenantRateLimiter:
     t = config.tenancy
-    return TenantRateLimiter(t.rate_limit_backend, redis_url=t.redis_url, key_prefix=t.redis_prefix)
+    return TenantRateLimiter(
+        t.rate_limit_backend,
+        redis_url=t.redis_url,
+        key_prefix=t.redis_prefix,
+        timeout_s=t.redis_timeout_s,
+        retry_s=t.redis_retry_s,
+        replicas=config.serve.ingress_replicas,
+    )
 
 
 def policy_registry(config: PlatformConfig) -> PolicyRegistry:

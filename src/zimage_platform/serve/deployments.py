@@ -44,7 +44,10 @@ def _config(data: dict[str, Any]) -> PlatformConfig:
     return PlatformConfig.model_validate(data)
 
 
-# -- results over Ray: expected errors travel as data and are raised again on the other side ---
+# -- results over Ray: expected errors travel as data (pickled whole) and are raised again -----
+# An exception raised inside a deployment would reach the caller wrapped in Ray's RayTaskError;
+# returned as a value it arrives as itself: JobNotFound is still JobNotFound (404), with its
+# code, param, choices and Retry-After.
 
 
 def _ok(value: Any = None) -> dict[str, Any]:
@@ -52,28 +55,13 @@ def _ok(value: Any = None) -> dict[str, Any]:
 
 
 def _err(exc: PlatformError) -> dict[str, Any]:
-    return {
-        "ok": False,
-        "error": {
-            "code": exc.code,
-            "message": exc.message,
-            "param": exc.param,
-            "choices": exc.choices,
-            "status": exc.status,
-            "retry_after_s": getattr(exc, "retry_after_s", None),
-        },
-    }
+    return {"ok": False, "error": exc}
 
 
 def _unwrap(result: dict[str, Any]) -> Any:
     if result["ok"]:
         return result["value"]
-    e = result["error"]
-    exc = PlatformError(e["message"], code=e["code"], param=e["param"], choices=e["choices"])
-    exc.status = e["status"]
-    if e.get("retry_after_s") is not None:
-        exc.retry_after_s = e["retry_after_s"]  # type: ignore[attr-defined]
-    raise exc
+    raise result["error"]
 
 
 # -- engine ---------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Respons
 from starlette.datastructures import UploadFile
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from zimage_platform.api import deps
+from zimage_platform.api import deps, streams
 from zimage_platform.api.body import NonFiniteNumber, loads
 from zimage_platform.api.comfy import protocol
 from zimage_platform.api.comfy.protocol import ComfyError, ComfyJSONResponse
@@ -346,7 +346,15 @@ async def websocket(websocket: WebSocket, clientId: str | None = None) -> None:
     except PlatformError as exc:
         await websocket.close(code=1008, reason=f"{exc.code}: {exc.message}"[:120])
         return
-    await service.serve_socket(websocket, tenant, clientId or None)
+    try:
+        stream = streams.open_stream(websocket, tenant)
+    except streams.TooManyStreams as exc:
+        await streams.refuse_socket(websocket, exc)
+        return
+    try:
+        await service.serve_socket(websocket, tenant, clientId or None, stream)
+    finally:
+        stream.close()
 
 
 async def _comfy_error(_: Request, exc: ComfyError) -> ComfyJSONResponse:

@@ -37,6 +37,7 @@ from zimage_platform.api.frontend.serving import package_version
 from zimage_platform.api.generation import image_limits, submit
 from zimage_platform.api.graphs import NodeRejected, catalog_for, prepare_jobs, split_image_name
 from zimage_platform.api.services import PlatformServices
+from zimage_platform.api.streams import Stream
 from zimage_platform.db import utcnow
 from zimage_platform.errors import PlatformError
 from zimage_platform.pipeline.images import decode_image, sniff_media_type
@@ -763,14 +764,20 @@ class ComfyService:
 
     # -- the WebSocket --------------------------------------------------------------------------
 
-    async def serve_socket(self, websocket: WebSocket, tenant: TenantSpec, client_id: str | None) -> None:
+    async def serve_socket(
+        self, websocket: WebSocket, tenant: TenantSpec, client_id: str | None, stream: Stream | None = None
+    ) -> None:
+        """``stream``: the socket's slot, whose caller is re-checked before each message and
+        between messages; the socket closes (1008, with the reason) once access is gone."""
         await websocket.accept()
-        conn = Connection(websocket, tenant.id, client_id or uuid.uuid4().hex, utcnow())
+        conn = Connection(websocket, tenant.id, client_id or uuid.uuid4().hex, utcnow(), stream=stream)
         previous = self.sockets.register(conn)
         if previous is not None:
             await previous.close()
         try:
             await conn.send(protocol.status(await self.remaining(tenant), conn.sid))
+            if stream is not None:
+                conn.spawn(stream.watch(conn.lost))
             conn.spawn(self._watch(conn))
             first = True
             while True:

@@ -12,6 +12,7 @@ from zimage_platform.api.body import StrictJSONRoute, json_or_multipart
 from zimage_platform.api.deps import Services, Tenant, Trace
 from zimage_platform.api.jobs import serving
 from zimage_platform.api.jobs.protocol import Job, JobList, JobRequest
+from zimage_platform.api.streams import event_stream
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], route_class=StrictJSONRoute)
 
@@ -82,13 +83,15 @@ def get_job(job_id: str, services: Services, tenant: Tenant) -> dict:
 @router.get("/{job_id}/events", response_class=EventSourceResponse)
 async def job_events(
     job_id: str,
+    request: Request,
     services: Services,
     tenant: Tenant,
     last_event_id: Annotated[int, Header(alias="Last-Event-ID")] = 0,
 ) -> EventSourceResponse:
-    """Server-sent events: ``queued`` (position), ``started``, ``progress`` (step/total), terminal."""
+    """Server-sent events: ``queued`` (position), ``started``, ``progress`` (step/total), terminal;
+    ``closed`` (with the error) if the key is revoked or the tenant suspended meanwhile."""
     await asyncio.to_thread(services.store.get, job_id, tenant.id)  # another tenant's job: 404 before the stream
-    return EventSourceResponse(serving.job_events(services, tenant, job_id, last_event_id), ping=15)
+    return event_stream(request, tenant, serving.job_events(services, tenant, job_id, last_event_id))
 
 
 @router.post("/{job_id}/cancel", response_model=Job)
