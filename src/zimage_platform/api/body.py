@@ -43,7 +43,15 @@ async def json_or_multipart(
                     f"{file_field} is larger than {max_file_bytes} bytes", code="image_too_large", param=file_field
                 )
         raw = form.get("request")
-        fields = json.loads(raw) if isinstance(raw, str) else {k: v for k, v in form.items() if k != file_field}
+        if isinstance(raw, str):
+            try:
+                fields = json.loads(raw)
+            except ValueError:
+                raise InvalidRequest(
+                    "the `request` form field is not valid JSON", code="invalid_json", param="request"
+                ) from None
+        else:
+            fields = {k: v for k, v in form.items() if k != file_field}
         return parse_model(model, fields), data
     try:
         payload = await request.json()
