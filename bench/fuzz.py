@@ -41,10 +41,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -340,81 +338,108 @@ class OperationTally:
     max_s: float = 0.0
     notes: list[str] = field(default_factory=list)
 
+    def merge(self, other: OperationTally) -> None:
+        self.cases += other.cases
+        self.authenticated += other.authenticated
+        self.positive += other.positive
+        self.statuses.update(other.statuses)
+        self.schema_failures += other.schema_failures
+        self.max_s = max(self.max_s, other.max_s)
+        self.notes += [n for n in other.notes if n not in self.notes]
 
+
+@dataclass
 class Tally:
-    """What the run learns, shared by the worker threads."""
+    """What one task (an operation's share of cases) learned; the run merges them."""
 
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.operations: dict[str, OperationTally] = {}
-        self.server_errors: list[dict[str, Any]] = []
-        self.transport_errors: list[dict[str, Any]] = []
-        self.schema_failures: list[dict[str, Any]] = []
-        #: One compact row per case: [operation, authenticated, mode, status (0: transport error), ms].
-        self.cases: list[list[Any]] = []
+    operations: dict[str, OperationTally] = field(default_factory=dict)
+    server_errors: list[dict[str, Any]] = field(default_factory=list)
+    transport_errors: list[dict[str, Any]] = field(default_factory=list)
+    schema_failures: list[dict[str, Any]] = field(default_factory=list)
+    #: One compact row per case: [operation, authenticated, mode, status (0: transport error), ms].
+    cases: list[list[Any]] = field(default_factory=list)
 
     def of(self, label: str) -> OperationTally:
-        with self.lock:
-            return self.operations.setdefault(label, OperationTally())
+        return self.operations.setdefault(label, OperationTally())
 
     def note(self, label: str, text: str) -> None:
         """Something about an operation's cases worth reading (each distinct note once, a few)."""
         notes = self.of(label).notes
-        with self.lock:
-            if text[:300] not in notes and len(notes) < 10:
-                notes.append(text[:300])
+        if text[:300] not in notes and len(notes) < 10:
+            notes.append(text[:300])
 
-    @property
-    def total(self) -> int:
-        return len(self.cases)
+    def merge(self, other: Tally) -> None:
+        for label, tally in other.operations.items():
+            self.of(label).merge(tally)
+        self.server_errors += other.server_errors
+        self.transport_errors += other.transport_errors
+        self.schema_failures += other.schema_failures
+        self.cases += other.cases
 
 
 class OutOfTime(Exception):
     """The run's time is spent: stop generating (raised inside Hypothesis, caught outside)."""
 
 
-@dataclass
-class Fuzzer:
+@dataclass(frozen=True)
+class FuzzSettings:
     url: str
     key: str
-    seed: int
+    #: Wall-clock time (``time.time()``) at which every worker stops.
     deadline: float
     unauthenticated: float
     schema_checks: bool
-    tally: Tally = field(default_factory=Tally)
-    _local: threading.local = field(default_factory=threading.local)
+
+
+def has_negative_cases(operation: APIOperation) -> bool:
+    """Schemathesis can break a query or a body; not a path parameter (any string is one), nor
+    the auth headers, which the key replaces: it would filter out every negative case it drew."""
+    return bool(operation.query.items or operation.body.items)
+
+
+class Fuzzer:
+    """One worker process: the document's operations, a session, and the cases it sends."""
+
+    def __init__(self, settings: FuzzSettings) -> None:
+        import requests
+
+        self.settings = settings
+        self.key = settings.key
+        self.operations = {op.label: op for op in readable_operations(load_schema(settings.url))[0]}
+        self.session = requests.Session()
+        self.tally = Tally()
+
+    def out_of_time(self) -> bool:
+        return time.time() >= self.settings.deadline
 
     def plan(self, operation: APIOperation, cases: int) -> list[Part]:
         """An operation's share: ``--unauthenticated`` of it without a valid key, the rest half
-        positive, half negative with the key; all positive where only headers could be broken
-        (the auth headers, which the key replaces: no negative case survives schemathesis's filter)."""
-        unauth = round(cases * self.unauthenticated) if cases > 1 else 0
-        breakable = bool(operation.query.items or operation.path_parameters.items or operation.body.items)
-        positive = (cases - unauth + 1) // 2 if breakable else cases - unauth
+        positive, half negative with the key (all positive where nothing can be broken)."""
+        unauth = round(cases * self.settings.unauthenticated) if cases > 1 else 0
+        positive = (cases - unauth + 1) // 2 if has_negative_cases(operation) else cases - unauth
         parts = [Part("positive", True, positive), Part("negative", True, cases - unauth - positive)]
         return [p for p in [*parts, Part("positive", False, unauth)] if p.cases > 0]
 
-    def run_operation(self, operation: APIOperation, cases: int, seed: int) -> int:
-        """Up to ``cases`` cases of one operation; returns how many were sent."""
-        sent = 0
+    def run_operation(self, label: str, cases: int, seed: int) -> Tally:
+        """Up to ``cases`` cases of one operation: what they found."""
+        self.tally = Tally()
+        operation = self.operations[label]
+        self.tally.of(label)
         for index, part in enumerate(self.plan(operation, cases)):
-            part_sent, out_of_time = self.run_part(operation, part, seed * 7 + index)
-            sent += part_sent
-            if out_of_time:
-                self.tally.note(operation.label, "stopped: --max-time reached")
+            if not self.run_part(operation, part, seed * 7 + index):
+                self.tally.note(label, "stopped: --max-time reached")
                 break
-        return sent
+        return self.tally
 
-    def run_part(self, operation: APIOperation, part: Part, seed: int) -> tuple[int, bool]:
+    def run_part(self, operation: APIOperation, part: Part, seed: int) -> bool:
         """One part's cases, drawn by Hypothesis from schemathesis's strategy (generation only: a
-        5xx is recorded, not shrunk, so the reproducer is the very request that got it); returns
-        (cases sent, whether the run's time ran out)."""
+        5xx is recorded, not shrunk, so the reproducer is the very request that got it); ``False``
+        when the run's time ran out."""
         from hypothesis import HealthCheck, Phase, Verbosity, given, settings
         from hypothesis import seed as hypothesis_seed
         from schemathesis import GenerationMode
 
         mode = GenerationMode.POSITIVE if part.mode == "positive" else GenerationMode.NEGATIVE
-        sent = 0
 
         @settings(
             max_examples=part.cases,
@@ -429,32 +454,22 @@ class Fuzzer:
         @hypothesis_seed(seed)
         @given(case=operation.as_strategy(generation_mode=mode))
         def test(case: Case) -> None:
-            nonlocal sent
-            if time.monotonic() >= self.deadline:
+            if self.out_of_time():
                 raise OutOfTime
             try:
                 self.send(case, part)
             except Exception as exc:  # never raise into Hypothesis: it would replay and shrink
                 self.tally.note(operation.label, f"case not sent: {type(exc).__name__}: {exc}")
-                return
-            sent += 1
 
         try:
             test()
         except OutOfTime:
-            return sent, True
+            return False
         except Exception as exc:  # the generator could not make these cases (e.g. no negative ones)
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             auth = "" if part.auth else ", unauthenticated"
             self.tally.note(operation.label, f"{part.mode}{auth}: {first}")
-        return sent, time.monotonic() >= self.deadline
-
-    def session(self):
-        import requests
-
-        if not hasattr(self._local, "session"):
-            self._local.session = requests.Session()
-        return self._local.session
+        return not self.out_of_time()
 
     def send(self, case: Case, part: Part) -> None:
         from schemathesis.checks import not_a_server_error
@@ -466,48 +481,43 @@ class Fuzzer:
             case.headers = headers
         label = case.operation.label
         tally = self.tally.of(label)
+        tally.cases += 1
+        tally.authenticated += part.auth
+        tally.positive += part.mode == "positive"
         started = time.perf_counter()
         try:
-            response = case.call(base_url=self.url, session=self.session(), timeout=REQUEST_TIMEOUT_S)
+            response = case.call(base_url=self.settings.url, session=self.session, timeout=REQUEST_TIMEOUT_S)
         except Exception as exc:
             seconds = time.perf_counter() - started
             request = getattr(exc, "request", None)
             record = {**self.reproducer(case, request), "error": f"{type(exc).__name__}: {exc}"[:1000]}
-            with self.tally.lock:
-                tally.cases += 1
-                tally.authenticated += part.auth
-                tally.positive += part.mode == "positive"
-                tally.statuses["transport error"] += 1
-                self.tally.transport_errors.append(record)
-                self.tally.cases.append([label, int(part.auth), part.mode[0], 0, round(seconds * 1000, 1)])
+            tally.statuses["transport error"] += 1
+            self.tally.transport_errors.append(record)
+            self.tally.cases.append([label, int(part.auth), part.mode[0], 0, round(seconds * 1000, 1)])
             return
         seconds = time.perf_counter() - started
-        checks = [not_a_server_error, response_schema_conformance] if self.schema_checks else [not_a_server_error]
-        schema_failure = None
+        status = response.status_code
+        tally.statuses[str(status)] += 1
+        tally.max_s = max(tally.max_s, seconds)
+        self.tally.cases.append([label, int(part.auth), part.mode[0], status, round(seconds * 1000, 1)])
+        checks = [not_a_server_error]
+        if self.settings.schema_checks:
+            checks.append(response_schema_conformance)
         try:
             case.validate_response(response, checks=checks)
         except (AssertionError, BaseExceptionGroup) as exc:  # schemathesis's failures (a group of them)
-            if response.status_code < 500:
-                failures = exc.exceptions if isinstance(exc, BaseExceptionGroup) else [exc]
-                schema_failure = "; ".join(_failure_text(f) for f in failures)[:1000]
-        status = response.status_code
-        with self.tally.lock:
-            tally.cases += 1
-            tally.authenticated += part.auth
-            tally.positive += part.mode == "positive"
-            tally.statuses[str(status)] += 1
-            tally.max_s = max(tally.max_s, seconds)
-            self.tally.cases.append([label, int(part.auth), part.mode[0], status, round(seconds * 1000, 1)])
+            failures = exc.exceptions if isinstance(exc, BaseExceptionGroup) else [exc]
+            text = "; ".join(_failure_text(f) for f in failures)[:1000]
             if status >= 500:
-                text = response.content[:2000].decode("utf-8", "replace")
+                body = response.content[:2000].decode("utf-8", "replace")
                 self.tally.server_errors.append(
-                    {**self.reproducer(case, response.request), "status": status, "response": text}
+                    {**self.reproducer(case, response.request), "status": status, "response": body}
                 )
-            if schema_failure is not None:
+            else:
                 tally.schema_failures += 1
                 if tally.schema_failures <= SCHEMA_SAMPLES:
                     self.tally.schema_failures.append(
-                        {**self.reproducer(case, response.request), "status": status, "failure": schema_failure}
+                        {**self.reproducer(case, response.request), "status": status, "failure": text}
                     )
 
     def reproducer(self, case: Case, request: Any) -> dict[str, Any]:
@@ -539,7 +549,7 @@ class Fuzzer:
             out["headers"] = {k: hide(str(v)) for k, v in (case.headers or {}).items()}
             out["body"] = repr(case.body)[:8192]
         with contextlib.suppress(Exception):  # curl cannot express every body (the fields above can)
-            out["curl"] = hide(case.as_curl_command(base_url=self.url))
+            out["curl"] = hide(case.as_curl_command(base_url=self.settings.url))
         return out
 
 
@@ -557,6 +567,31 @@ def load_schema(url: str):
     return schemathesis.openapi.from_url(f"{url}/openapi.json", config=schemathesis.Config())
 
 
+def readable_operations(schema) -> tuple[list[APIOperation], list[dict[str, str]]]:
+    """The operations schemathesis can fuzz, and those it cannot read (each one a finding)."""
+    loaded, broken = [], []
+    for result in schema.get_all_operations():
+        try:
+            loaded.append(result.ok())
+        except Exception as exc:
+            broken.append({"operation": str(getattr(exc, "path", "?")), "error": str(exc)[:500]})
+    return loaded, broken
+
+
+#: The worker process's fuzzer (one per process: Hypothesis is not made for threads).
+_FUZZER: Fuzzer | None = None
+
+
+def _init_worker(settings: FuzzSettings) -> None:
+    global _FUZZER
+    _FUZZER = Fuzzer(settings)
+
+
+def _fuzz_task(label: str, cases: int, seed: int) -> Tally:
+    assert _FUZZER is not None, "the worker was not initialised"
+    return _FUZZER.run_operation(label, cases, seed)
+
+
 def fuzz(
     url: str,
     key: str,
@@ -570,65 +605,66 @@ def fuzz(
     operations: str | None,
 ) -> dict[str, Any]:
     """Fuzz every operation of the document at ``url`` (matching ``operations``, a regex on
-    ``METHOD /path``): two rounds, the second spending what the first could not."""
-    schema = load_schema(url)
-    loaded: list[APIOperation] = []
-    broken: list[dict[str, str]] = []
-    for result in schema.get_all_operations():
-        try:
-            operation = result.ok()
-        except Exception as exc:  # an operation schemathesis cannot read is itself a finding
-            broken.append({"operation": str(getattr(exc, "path", "?")), "error": str(exc)[:500]})
-            continue
-        if operations is None or re.search(operations, operation.label):
-            loaded.append(operation)
-    if not loaded:
+    ``METHOD /path``) in ``workers`` processes: two rounds, the second spending what the first could not."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    loaded, broken = readable_operations(load_schema(url))
+    labels = [op.label for op in loaded if operations is None or re.search(operations, op.label)]
+    if not labels:
         raise typer.BadParameter(f"no operation matches {operations!r}", param_hint="--operations")
-    fuzzer = Fuzzer(url, key, seed, time.monotonic() + max_time, unauthenticated, schema_checks)
+    settings = FuzzSettings(url, key, time.time() + max_time, unauthenticated, schema_checks)
     started = time.monotonic()
-    budgets = {op.label: cases // len(loaded) + (i < cases % len(loaded)) for i, op in enumerate(loaded)}
-    index = {op.label: i for i, op in enumerate(loaded)}
-    spent: dict[str, int] = {}
-    log(f"fuzzing {len(loaded)} operations, {cases} cases, {workers} workers, at most {max_time:.0f} s …")
+    total = Tally()
+    log(f"fuzzing {len(labels)} operations, {cases} cases, {workers} worker processes, at most {max_time:.0f} s …")
 
-    def one(operation: APIOperation, budget: int, round_: int) -> tuple[str, int]:
-        sent = fuzzer.run_operation(operation, budget, seed=(seed * 1_000_003 + index[operation.label]) * 3 + round_)
-        log(f"  {operation.label}: {sent} cases ({fuzzer.tally.total}/{cases}, {time.monotonic() - started:.0f} s)")
-        return operation.label, sent
+    def share(count: int, among: list[str]) -> dict[str, int]:
+        return {label: count // len(among) + (i < count % len(among)) for i, label in enumerate(among)}
 
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for label, sent in pool.map(lambda op: one(op, budgets[op.label], 0), loaded):
-            spent[label] = sent
-        left = cases - sum(spent.values())
-        hungry = [op for op in loaded if spent[op.label] >= budgets[op.label]]
-        if left > 0 and hungry and time.monotonic() < fuzzer.deadline:
+    def run_round(pool: ProcessPoolExecutor, budgets: dict[str, int], round_: int) -> dict[str, int]:
+        futures = {
+            pool.submit(_fuzz_task, label, budget, (seed * 1_000_003 + labels.index(label)) * 3 + round_): label
+            for label, budget in budgets.items()
+            if budget > 0
+        }
+        sent = {}
+        for future in as_completed(futures):
+            label, tally = futures[future], future.result()
+            total.merge(tally)
+            sent[label] = tally.of(label).cases
+            log(f"  {label}: {sent[label]} cases ({len(total.cases)}/{cases}, {time.monotonic() - started:.0f} s)")
+        return sent
+
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(settings,)) as pool:
+        budgets = share(cases, labels)
+        sent = run_round(pool, budgets, 0)
+        left = cases - sum(sent.values())
+        hungry = [label for label in labels if sent.get(label, 0) >= budgets[label]]
+        if left > 0 and hungry and time.time() < settings.deadline:
             log(f"second round: {left} cases over the {len(hungry)} operations that used their whole share …")
-            extra = {op.label: left // len(hungry) + (i < left % len(hungry)) for i, op in enumerate(hungry)}
-            for label, sent in pool.map(lambda op: one(op, extra[op.label], 1), [o for o in hungry if extra[o.label]]):
-                spent[label] += sent
-    elapsed = time.monotonic() - started
-    tally = fuzzer.tally
+            run_round(pool, share(left, hungry), 1)
     return {
-        "elapsed_s": elapsed,
-        "stopped_by": "max_time" if time.monotonic() >= fuzzer.deadline else "cases",
+        "elapsed_s": time.monotonic() - started,
+        "stopped_by": "max_time" if time.time() >= settings.deadline else "cases",
         "operations": [
             {
-                "operation": op.label,
-                "cases": tally.of(op.label).cases,
-                "authenticated": tally.of(op.label).authenticated,
-                "positive": tally.of(op.label).positive,
-                "statuses": dict(sorted(tally.of(op.label).statuses.items())),
-                "schema_failures": tally.of(op.label).schema_failures,
-                "max_s": tally.of(op.label).max_s,
-                "notes": tally.of(op.label).notes,
+                "operation": label,
+                "cases": total.of(label).cases,
+                "authenticated": total.of(label).authenticated,
+                "positive": total.of(label).positive,
+                "statuses": dict(sorted(total.of(label).statuses.items())),
+                "schema_failures": total.of(label).schema_failures,
+                "max_s": total.of(label).max_s,
+                "notes": total.of(label).notes,
             }
-            for op in loaded
+            for label in labels
         ],
         "unreadable_operations": broken,
-        "server_errors": tally.server_errors,
-        "transport_errors": tally.transport_errors,
-        "schema_failure_samples": tally.schema_failures,
-        "cases": tally.cases,
+        "server_errors": total.server_errors,
+        "transport_errors": total.transport_errors,
+        "schema_failure_samples": total.schema_failures,
+        "cases": total.cases,
     }
 
 
@@ -715,7 +751,7 @@ def main(
     cases: Annotated[int, typer.Option(min=1, help="Cases in all, split over the operations.")] = 10_000,
     max_time: Annotated[float, typer.Option(min=1, help="Seconds of fuzzing at most (then the run stops).")] = 900.0,
     seed: Annotated[int, typer.Option(help="Seed of the case generation: the same seed makes the same cases.")] = 0,
-    workers: Annotated[int, typer.Option(min=1, max=32, help="Operations fuzzed at once (threads).")] = 4,
+    workers: Annotated[int, typer.Option(min=1, max=32, help="Operations fuzzed at once (processes).")] = 3,
     unauthenticated: Annotated[
         float, typer.Option(min=0, max=1, help="Share of each operation's cases sent without a valid key.")
     ] = 0.1,
