@@ -298,7 +298,13 @@ def not_in_document(routes: list[dict[str, Any]], document: dict[str, Any]) -> l
         if methods and all((m, path) in documented for m in methods):
             continue
         out.append({"path": path, "methods": methods, "why": _why_left_out(route, path, documented)})
+    if any((r.get("module") or "").startswith("zimage_platform.api.comfy") for r in routes):
+        out.append({"path": "/comfy/{key}/...", "methods": [], "why": KEY_PREFIX_WHY})
     return out
+
+
+#: Not a route: ``ComfyKeyPrefix`` turns ``/comfy/<key>/<route>`` into ``/<route>`` + the key header.
+KEY_PREFIX_WHY = "the key as a path prefix for unmodified ComfyUI clients, rewritten onto the documented routes"
 
 
 def _why_left_out(route: dict[str, Any], path: str, documented: set[tuple[str, str]]) -> str:
@@ -728,8 +734,12 @@ def markdown(data: dict[str, Any]) -> str:
         lines.append(f"- transport error `{error['method']} {error['path']}`: {error['error'][:200]}")
     for broken in result["unreadable_operations"]:
         lines.append(f"- not fuzzed, schemathesis cannot read it: {broken['operation']}: {broken['error'][:200]}")
+    by_why: dict[str, list[str]] = {}
     for route in data["not_in_document"]:
-        lines.append(f"- not fuzzed: `{' '.join(route['methods']) or '*'} {route['path']}`: {route['why']}")
+        by_why.setdefault(route["why"], []).append(f"`{' '.join(route['methods']) or '*'} {route['path']}`")
+    for why, routes in by_why.items():
+        shown = ", ".join(routes[:6]) + (f" and {len(routes) - 6} more" if len(routes) > 6 else "")
+        lines.append(f"- not fuzzed: {shown}: {why}")
     shutdown = data["platform"].get("shutdown") or {}
     lines.append(
         f"- platform shutdown: {shutdown.get('seconds', float('nan')):.1f} s, exit code {shutdown.get('exit_code')}"
