@@ -686,7 +686,9 @@ def reexec_isolated(argv: list[str]) -> int:
             param_hint="--network",
         )
     script = 'ip link set lo up && exec "$@"'
-    command = ["unshare", "--net", "--", "sh", "-c", script, "sh", sys.executable, "-m", "bench", *argv]
+    # Without root, a user namespace gives the right to make the network one (where enabled).
+    user = [] if os.geteuid() == 0 else ["--map-root-user"]
+    command = ["unshare", *user, "--net", "--", "sh", "-c", script, "sh", sys.executable, "-m", "bench", *argv]
     log("re-running inside a new network namespace (loopback only) …")
     return subprocess.run(command, env={**os.environ, NETNS_ENV: "1"}, check=False).returncode
 
