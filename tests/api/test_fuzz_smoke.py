@@ -131,3 +131,15 @@ def test_a_multipart_job_whose_request_field_is_not_json_is_a_422(server) -> Non
         assert answer.status_code == 422, answer.text
         assert answer.json()["error"]["code"] == "invalid_json"
         assert answer.json()["error"]["param"] == "request"
+
+
+@pytest.mark.parametrize("path", ["/history?offset=29652814011267297280", f"/v1/workflows/any?version={2**70}"])
+def test_an_integer_beyond_what_sql_holds_is_a_422(server, path: str) -> None:
+    """Were 500s (``OverflowError: Python int too large to convert to SQLite INTEGER``): the
+    first is the fuzzer's reproducer (seed 1), the second the same bug on another route."""
+    import httpx
+
+    thread, key = server
+    answer = httpx.get(f"{thread.url}{path}", headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    assert answer.status_code == 422, answer.text
+    assert str(2**31 - 1) in answer.text  # the bound, named
