@@ -99,10 +99,15 @@ async def json_or_multipart(
                     f"{file_field} is larger than {max_file_bytes} bytes", code="image_too_large", param=file_field
                 )
         raw = form.get("request")
-        try:
-            fields = loads(raw) if isinstance(raw, str) else {k: v for k, v in form.items() if k != file_field}
-        except ValueError:
-            raise InvalidRequest("request is not valid JSON", code="invalid_json", param="request") from None
+        if isinstance(raw, str):
+            try:
+                fields = loads(raw)
+            except ValueError:
+                raise InvalidRequest(
+                    "the `request` form field is not valid JSON", code="invalid_json", param="request"
+                ) from None
+        else:
+            fields = {k: v for k, v in form.items() if k != file_field}
         return parse_model(model, fields), data
     try:
         payload = loads(await request.body())

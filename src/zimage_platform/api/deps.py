@@ -11,6 +11,11 @@ from zimage_platform.telemetry.context import RequestTrace
 from zimage_platform.telemetry.tracing import span
 from zimage_platform.tenancy import TenantSpec
 
+#: The largest integer a query parameter may carry into SQL: PostgreSQL's INTEGER (32 bits) is the
+#: narrowest column one is compared with. Larger ones are a 422 naming the bound, not an overflow
+#: inside the database driver (a 500).
+MAX_QUERY_INT = 2**31 - 1
+
 
 def services(request: Request) -> PlatformServices:
     return request.app.state.services

@@ -165,7 +165,7 @@ async def get_history(
     service: Comfy,
     tenant: Tenant,
     max_items: Annotated[int | None, Query(ge=0)] = None,
-    offset: Annotated[int | None, Query()] = None,
+    offset: Annotated[int | None, Query(le=deps.MAX_QUERY_INT)] = None,
 ) -> dict:
     return await service.history(tenant, max_items=max_items, offset=offset)
 

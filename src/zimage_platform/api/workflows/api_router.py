@@ -8,7 +8,7 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 
 from zimage_platform.api.body import StrictJSONRoute
-from zimage_platform.api.deps import Tenant, Trace
+from zimage_platform.api.deps import MAX_QUERY_INT, Tenant, Trace
 from zimage_platform.api.errors import error_response
 from zimage_platform.api.jobs.protocol import Job
 from zimage_platform.api.workflows.protocol import Workflow, WorkflowList, WorkflowPut, WorkflowRun
@@ -47,7 +47,7 @@ async def put_workflow(name: str, body: WorkflowPut, request: Request, response:
 
 @router.get("/{name}", response_model=Workflow)
 async def get_workflow(
-    name: str, request: Request, tenant: Tenant, version: Annotated[int | None, Query(ge=1)] = None
+    name: str, request: Request, tenant: Tenant, version: Annotated[int | None, Query(ge=1, le=MAX_QUERY_INT)] = None
 ) -> dict:
     return await _service(request).get(tenant, name, version)
 
