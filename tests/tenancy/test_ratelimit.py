@@ -88,10 +88,9 @@ def test_a_dead_redis_is_not_dialled_per_request_and_is_used_again_when_back():
     """A real Redis stopped and started again on its port: while it is down the circuit breaker
     dials it once per ``retry_s``, not per request; once it answers, the shared limit is back."""
     import redis as redis_client
+    from bench.services import PrivateRedis
 
-    from services import RedisServer
-
-    with RedisServer() as server:
+    with PrivateRedis() as server:
         limiter = TenantRateLimiter("redis", redis_url=server.url, key_prefix="zimage-test-cb", retry_s=0.5)
         dials: list[str] = []
         real_hit = limiter._shared.hit
