@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import time
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -21,9 +22,10 @@ from zimage_platform.errors import InvalidRequest, PlatformError
 from zimage_platform.netsafe import IMAGE_URLS, UrlError, failure_reason
 from zimage_platform.pipeline.images import ImageLimits, decode_image
 from zimage_platform.pipeline.params import GenerationParams, resolve_requests
-from zimage_platform.scheduling.models import BatchRow, JobRow
+from zimage_platform.scheduling.client import SchedulerUnavailable
+from zimage_platform.scheduling.models import TERMINAL, BatchRow, JobRow
 from zimage_platform.scheduling.service import Submitted
-from zimage_platform.scheduling.store import NewJob, new_id
+from zimage_platform.scheduling.store import JobNotFound, NewJob, new_id
 from zimage_platform.telemetry.context import RequestTrace
 from zimage_platform.tenancy import TenantSpec
 from zimage_platform.tenancy.policy import PolicyViolation
@@ -210,7 +212,19 @@ async def submit(services: PlatformServices, tenant: TenantSpec, job: NewJob) ->
         return existing, False
     await services.rate_limiter.acheck_images(tenant.id, tenant.limits.images_per_minute, len(job.seeds))
     async with services.submit_gates.enter(job.priority_class):
-        return await services.scheduler.submit(job)
+        try:
+            return await services.scheduler.submit(job)
+        except SchedulerUnavailable as unavailable:
+            return await _written_before(services, job, unavailable), True
+
+
+async def _written_before(services: PlatformServices, job: NewJob, unavailable: SchedulerUnavailable) -> JobRow:
+    """The job's row if it was written before the scheduler died (then it is accepted: the
+    restarted scheduler re-queues it from the job table); otherwise the 503, safe to resend."""
+    try:
+        return await asyncio.to_thread(services.store.get, job.id, job.tenant_id)
+    except JobNotFound:
+        raise unavailable from None
 
 
 async def submit_and_wait(
@@ -223,10 +237,30 @@ async def submit_and_wait(
     replay = job.idempotency_key and await asyncio.to_thread(services.store.find_idempotent, job)
     if not replay:
         await services.rate_limiter.acheck_images(tenant.id, tenant.limits.images_per_minute, len(job.seeds))
+    wait_s = services.config.limits.sync_timeout_s
+    deadline = time.monotonic() + wait_s
     async with services.submit_gates.enter(job.priority_class) as leave:
-        return await services.scheduler.submit_and_wait(
-            job, services.config.limits.sync_timeout_s, inline=inline, on_admitted=leave
-        )
+        try:
+            return await services.scheduler.submit_and_wait(job, wait_s, inline=inline, on_admitted=leave)
+        except SchedulerUnavailable as unavailable:
+            await _written_before(services, job, unavailable)
+    return await _follow_after_restart(services, job.id, deadline)
+
+
+async def _follow_after_restart(services: PlatformServices, job_id: str, deadline: float) -> Submitted:
+    """An accepted synchronous job whose scheduler died while the caller waited: the restarted
+    scheduler re-queues it from the job table, so wait on it there (retrying while Serve brings
+    the scheduler back) and answer as usual; the PNGs are then read from S3. Short waits, then a
+    read of the row: the job may finish before a wait on the new scheduler begins."""
+    while True:
+        row = await asyncio.to_thread(services.store.get, job_id)
+        remaining = deadline - time.monotonic()
+        if row.status in TERMINAL or remaining <= 0:
+            return Submitted(row, True, timed_out=row.status not in TERMINAL)
+        try:
+            await services.scheduler.wait(job_id, min(remaining, 2.0))
+        except (TimeoutError, SchedulerUnavailable):
+            await asyncio.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
 
 
 async def submit_batch(services: PlatformServices, tenant: TenantSpec, jobs: list[NewJob], batch: BatchRow) -> None:

@@ -5,9 +5,22 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from zimage_platform.errors import PlatformError
 from zimage_platform.scheduling.models import BatchRow, JobRow
 from zimage_platform.scheduling.service import SchedulerService, Submitted
 from zimage_platform.scheduling.store import NewJob
+
+
+class SchedulerUnavailable(PlatformError):
+    """The scheduler could not be reached (its replica died and Serve is starting another).
+    Nothing was admitted by the failed call unless the job's row exists: retry after a moment."""
+
+    code = "scheduler_unavailable"
+    status = 503
+
+    def __init__(self, message: str, *, retry_after_s: int = 5) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class LocalSchedulerClient:

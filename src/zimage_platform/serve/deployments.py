@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 from ray import serve
@@ -23,6 +23,7 @@ from ray.serve.handle import DeploymentHandle
 from zimage_platform.api import create_api
 from zimage_platform.config import PlatformConfig
 from zimage_platform.errors import PlatformError
+from zimage_platform.scheduling.client import SchedulerUnavailable
 from zimage_platform.scheduling.models import BatchRow, JobRow
 from zimage_platform.scheduling.service import Submitted
 from zimage_platform.scheduling.store import NewJob
@@ -255,6 +256,20 @@ class Scheduler:
             await self.service.stop(grace_s=self.config.serve.graceful_shutdown_s)
 
 
+@contextlib.contextmanager
+def _scheduler_call() -> Iterator[None]:
+    """A dead or restarting scheduler replica is :class:`SchedulerUnavailable` (503 with
+    Retry-After), not an unexplained 500: Serve starts another one, which recovers the queue
+    from the job table."""
+    from ray.exceptions import RayActorError
+    from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
+
+    try:
+        yield
+    except (RayActorError, DeploymentUnavailableError, ReplicaUnavailableError) as exc:
+        raise SchedulerUnavailable(f"the scheduler is restarting ({type(exc).__name__})") from None
+
+
 class RaySchedulerClient:
     """The ingress's :class:`SchedulerClient` over the scheduler deployment's handle."""
 
@@ -262,38 +277,46 @@ class RaySchedulerClient:
         self.handle = handle
 
     async def submit(self, job: NewJob, *, check_queue: bool = True) -> tuple[JobRow, bool]:
-        row, created = _unwrap(await self.handle.submit.remote(job, check_queue))
+        with _scheduler_call():
+            row, created = _unwrap(await self.handle.submit.remote(job, check_queue))
         return row, created
 
     async def submit_and_wait(
         self, job: NewJob, wait_s: float, *, inline: bool = False, on_admitted: Callable[[], None] | None = None
     ) -> Submitted:
-        stream = self.handle.options(stream=True).submit_and_wait.remote(job, wait_s, inline)
-        async for message in stream:
-            value = _unwrap(message)
-            if value == ADMITTED:
-                if on_admitted is not None:
-                    on_admitted()
-                continue
-            return value
+        with _scheduler_call():
+            stream = self.handle.options(stream=True).submit_and_wait.remote(job, wait_s, inline)
+            async for message in stream:
+                value = _unwrap(message)
+                if value == ADMITTED:
+                    if on_admitted is not None:
+                        on_admitted()
+                    continue
+                return value
         raise RuntimeError("the scheduler ended submit_and_wait without an answer")
 
     async def submit_many(self, jobs: list[NewJob], batch: BatchRow | None = None) -> list[str]:
-        return _unwrap(await self.handle.submit_many.remote(jobs, batch))
+        with _scheduler_call():
+            return _unwrap(await self.handle.submit_many.remote(jobs, batch))
 
     async def cancel(self, job_id: str, tenant_id: str) -> None:
-        _unwrap(await self.handle.cancel.remote(job_id, tenant_id))
+        with _scheduler_call():
+            _unwrap(await self.handle.cancel.remote(job_id, tenant_id))
 
     async def wait(self, job_id: str, timeout_s: float) -> None:
-        if _unwrap(await self.handle.wait.remote(job_id, timeout_s)) == "timeout":
+        with _scheduler_call():
+            done = _unwrap(await self.handle.wait.remote(job_id, timeout_s))
+        if done == "timeout":
             raise TimeoutError(job_id)
 
     async def events(self, job_id: str, after: int = 0) -> AsyncIterator[dict[str, Any]]:
-        async for event in self.handle.options(stream=True).events.remote(job_id, after):
-            yield event
+        with _scheduler_call():
+            async for event in self.handle.options(stream=True).events.remote(job_id, after):
+                yield event
 
     async def status(self) -> dict[str, Any]:
-        return await self.handle.status.remote()
+        with _scheduler_call():
+            return await self.handle.status.remote()
 
 
 # -- ingress --------------------------------------------------------------------------------
