@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from bench.services import PrivatePostgres, PrivateRedis, answers
+from bench.services import PrivatePostgres, PrivateRedis, answers, free_port
 
 # -- PostgreSQL -----------------------------------------------------------------------------
 
@@ -55,6 +55,11 @@ def redis_url() -> Iterator[str]:
         return
     with PrivateRedis() as server:
         yield server.url
+
+
+def closed_port() -> int:
+    """A local port nothing listens on (connections are refused at once)."""
+    return free_port()
 
 
 def wait_http_ready(url: str, timeout: float = 300) -> None:
