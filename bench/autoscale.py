@@ -200,14 +200,14 @@ class ReplicaWatch(threading.Thread):
         self.deployments = deployments
         self.poll_s = poll_s
         self.rows: dict[str, list[list[float]]] = {name: [] for name in deployments}
-        self._stop = threading.Event()
+        self._finished = threading.Event()
 
     def run(self) -> None:
         from ray import serve
         from ray.serve._private.common import ReplicaState
 
         scheduler = serve.get_deployment_handle("Scheduler", APP)
-        while not self._stop.is_set():
+        while not self._finished.is_set():
             started = time.perf_counter()
             try:
                 app = serve.status().applications.get(APP)
@@ -220,10 +220,10 @@ class ReplicaWatch(threading.Thread):
                     self.rows[name].append([time.time(), running, starting, batches])
             except Exception as exc:  # one missed poll is a gap, not the end of the run
                 log(f"replica watch: {type(exc).__name__}: {exc}")
-            self._stop.wait(max(0.0, self.poll_s - (time.perf_counter() - started)))
+            self._finished.wait(max(0.0, self.poll_s - (time.perf_counter() - started)))
 
     def stop(self) -> None:
-        self._stop.set()
+        self._finished.set()
         self.join(timeout=10)
 
 
