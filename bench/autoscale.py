@@ -54,7 +54,10 @@ from bench.common import (
     SIMULATED_LATENCY,
     VARIANT,
     BenchCluster,
+    CpuSnapshot,
     JsonOut,
+    MaxNoise,
+    QuietWait,
     Render,
     Target,
     add_tenant,
@@ -72,6 +75,7 @@ from bench.common import (
     tenant_outcomes,
     timed_post,
     wait_all_ready,
+    wait_for_others_quiet,
     with_engine,
     write_json,
 )
@@ -342,7 +346,15 @@ def scale_up_target(events: list[dict[str, Any]], allowed: dict[str, float]) -> 
 # -- running it --------------------------------------------------------------------------------
 
 
-def measure(base: PlatformConfig, profile: LoadProfile, poll_s: float, drain_timeout_s: float) -> dict[str, Any]:
+def measure(
+    base: PlatformConfig,
+    profile: LoadProfile,
+    *,
+    poll_s: float,
+    drain_timeout_s: float,
+    max_noise: float,
+    quiet_wait: float,
+) -> dict[str, Any]:
     from zimage_platform.scheduling.simulation.profile import resolve_streams
     from zimage_platform.serve.builder import engine_deployment_name
 
@@ -357,14 +369,16 @@ def measure(base: PlatformConfig, profile: LoadProfile, poll_s: float, drain_tim
         url = cluster.deploy_platform(config)
         log(f"ready after {wait_all_ready([url]):.0f} s")
         deployments = {engine_deployment_name(v, p): (p, v) for p in config.pools for v in config.pool_variants(p)}
+        quiet_wait_s = wait_for_others_quiet(max_noise, quiet_wait)
         watch = ReplicaWatch(deployments, poll_s)
         watch.start()
         time.sleep(2 * poll_s)  # a baseline before the first arrival
         log(f"replaying {profile.name}: {len(plan)} requests and submissions over {profile.duration_s:.0f} s …")
-        replay_start = time.time()
+        replay_start, before = time.time(), CpuSnapshot.take()
         sent = asyncio.run(
             replay(url, keys, plan, {s.name: s.size for s in streams}, {s.name: s.steps for s in streams})
         )
+        others = before.others_share(CpuSnapshot.take())
         log("waiting for every accepted job …")
         deadline = time.perf_counter() + drain_timeout_s
         while (outcomes := tenant_outcomes(config, tenants)).open and time.perf_counter() < deadline:
@@ -376,6 +390,8 @@ def measure(base: PlatformConfig, profile: LoadProfile, poll_s: float, drain_tim
     return {
         "replay_start": replay_start,
         "drained_at": drained_at,
+        "quiet_wait_s": quiet_wait_s,
+        "others": others,
         "sent": [asdict(s) for s in sent],
         "jobs": {j: {"status": outcomes.jobs[j], **(asdict(times[j]) if j in times else {})} for j in outcomes.jobs},
         "images_requested": outcomes.images_requested,
@@ -386,13 +402,46 @@ def measure(base: PlatformConfig, profile: LoadProfile, poll_s: float, drain_tim
     }
 
 
-def plan_run(config: PlatformConfig, profile: LoadProfile, startup_s: float) -> dict[str, Any]:
-    """What ``zimage-platform plan`` answers for the profile and pools, with this start-up."""
+def plan_run(config: PlatformConfig, profile: LoadProfile, startup_s: dict[str, float]) -> dict[str, Any]:
+    """What ``zimage-platform plan`` answers for the profile and pools, with these start-up times
+    (per pool, ``default`` for the rest) instead of the profile's."""
     from zimage_platform.scheduling.simulation import load_latency, simulate
 
-    measured = profile.model_copy(update={"startup_s": {"default": startup_s}})
+    measured = profile.model_copy(update={"startup_s": {**profile.startup_s, **startup_s}})
     result = simulate(config, measured, load_latency(SIMULATED_LATENCY, config))
     return json.loads(json.dumps(result.to_dict(), default=str))
+
+
+def startup_by_pool(events: list[dict[str, Any]], deployments: dict[str, Any]) -> dict[str, float]:
+    """The median start-up seen per pool, and over all as ``default`` (pools that started none)."""
+    out: dict[str, float] = {}
+    everything = [e["startup_s"] for e in events if e["startup_s"] is not None]
+    if everything:
+        out["default"] = statistics.median(everything)
+    for name, (pool, _) in deployments.items():
+        mine = [e["startup_s"] for e in events if e["deployment"] == name and e["startup_s"] is not None]
+        if mine:
+            out[pool] = statistics.median(mine)
+    return out
+
+
+def where_the_time_went(sent: list[Sent], jobs: dict[str, dict[str, Any]]) -> dict[str, dict[str, float | None]]:
+    """Per class, p95 of each part of a job's time: queued (accepted → claimed by a batch),
+    inside the scheduler (accepted → finished) and, for requests, outside it (HTTP latency −
+    inside: proxy, ingress, job rows, the answer)."""
+    parts: dict[str, dict[str, list[float]]] = {}
+    for s in sent:
+        for job_id in s.job_ids or []:
+            job = jobs.get(job_id) or {}
+            if not job.get("finished_at") or not job.get("started_at"):
+                continue
+            mine = parts.setdefault(s.priority, {"queued": [], "inside": [], "outside": []})
+            inside = job["finished_at"] - job["created_at"]
+            mine["queued"].append(job["started_at"] - job["created_at"])
+            mine["inside"].append(inside)
+            if s.kind == "request" and s.latency_s is not None:
+                mine["outside"].append(s.latency_s - inside)
+    return {cls: {k: percentile(v, 95) for k, v in p.items()} for cls, p in parts.items()}
 
 
 def analyse(config: PlatformConfig, measured: dict[str, Any], poll_s: float) -> dict[str, Any]:
@@ -403,15 +452,14 @@ def analyse(config: PlatformConfig, measured: dict[str, Any], poll_s: float) -> 
         allowed[name] = configured_delay(scaling) + poll_s
         for e in scale_ups(measured["timeline"][name], scaling, config.pools[pool].max_concurrent_batches):
             events.append({"deployment": name, **e})
-    startups = [e["startup_s"] for e in events if e["startup_s"] is not None]
     finished = {j: v["finished_at"] for j, v in measured["jobs"].items() if v.get("finished_at")}
     sent = [Sent(**s) for s in measured["sent"]]
     return {
         "events": events,
         "allowed_decision_s": allowed,
-        "startup_p50_s": statistics.median(startups) if startups else None,
-        "startup_max_s": max(startups) if startups else None,
+        "startup_s": startup_by_pool(events, measured["deployments"]),
         "latencies": class_latencies(sent, finished),
+        "p95_parts": where_the_time_went(sent, measured["jobs"]),
     }
 
 
@@ -428,6 +476,7 @@ def summary(meta: dict[str, Any], measured: dict[str, Any], analysis: dict[str, 
         plan95[cls] = simulated["latency_s"]["p95"] if simulated else None
         mine = [s for s in sent if s.priority == cls]
         refused = sum(1 for s in mine if s.status not in (200, 202))
+        parts = analysis["p95_parts"].get(cls, {})
         rows.append(
             [
                 cls,
@@ -437,10 +486,22 @@ def summary(meta: dict[str, Any], measured: dict[str, Any], analysis: dict[str, 
                 f"{fmt_num(simulated['latency_s']['p50'] if simulated else None, '.2f')} / "
                 f"{fmt_num(plan95[cls], '.2f')}",
                 fmt_num(abs(plan95[cls] - real95[cls]) / real95[cls] if real95[cls] and plan95[cls] else None, ".0%"),
+                " / ".join(fmt_num(parts.get(k), ".2f") for k in ("queued", "inside", "outside")),
+                fmt_num(simulated["queue_wait_p95_s"] if simulated else None, ".2f"),
             ]
         )
     classes = markdown_table(
-        ["class", "jobs / images", "refused", "real p50 / p95 (s)", "plan p50 / p95 (s)", "p95 difference"], rows
+        [
+            "class",
+            "jobs / images",
+            "refused",
+            "real p50 / p95 (s)",
+            "plan p50 / p95 (s)",
+            "p95 difference",
+            "real p95 queued / inside / outside (s)",
+            "plan p95 queued (s)",
+        ],
+        rows,
     )
     deployments = []
     for name, (pool, variant) in measured["deployments"].items():
@@ -491,18 +552,19 @@ def summary(meta: dict[str, Any], measured: dict[str, Any], analysis: dict[str, 
             unit="",
         ),
     ]
-    profile_startup = meta.get("profile_startup_s")
+    startups = ", ".join(f"{pool} {v:.0f} s" for pool, v in analysis["startup_s"].items() if pool != "default")
     lines = [
-        f"`{meta['command']}` — {meta['date']}, source {meta['source']}; {meta['machine']}",
+        f"`{meta['command']}` — {meta['date']}, source {meta['source']}; {meta['machine']}; "
+        f"other processes took {fmt_num(measured.get('others'), '.0%')} of the CPU during the replay",
         "",
         f"Engine: {engine_description(meta['engine'])}.",
         "",
         f"Profile `{meta['profile']}` on `{meta['pools']}`: {len(sent)} requests and submissions; "
         f"{len(statuses)} jobs accepted, {statuses.count('succeeded')} succeeded; "
         f"{measured['images_done']} images, {measured['ledger_rows']} ledger rows "
-        f"({measured['images_requested']} images accepted). Plan: the same profile with a replica start-up of "
-        f"{fmt_num(analysis['startup_p50_s'], '.1f', ' s')} (measured here, p50; the profile says "
-        f"{fmt_num(profile_startup, '.0f', ' s')}), simulated in {plan['wall_s']:.2f} s.",
+        f"({measured['images_requested']} images accepted). Plan: the same profile and pools, a new replica "
+        f"taking the median start-up measured here ({startups or 'none seen'}; the profile says "
+        f"{fmt_num(meta.get('profile_startup_s'), '.0f', ' s')}), simulated in {plan['wall_s']:.2f} s.",
         "",
         classes,
         "",
@@ -520,33 +582,39 @@ def main(
     ] = POOLS,
     poll: Annotated[float, typer.Option(min=0.1, help="Seconds between replica and load readings.")] = 0.5,
     drain_timeout: Annotated[float, typer.Option(min=10, help="Seconds to wait for accepted jobs to finish.")] = 300,
+    max_noise: MaxNoise = 0.2,
+    quiet_wait: QuietWait = 60.0,
     json_out: JsonOut = None,
     render: Render = None,
 ) -> None:
     """The real app (simulated engine, autoscaling pools) vs `zimage-platform plan` under a promotion ramp:
     p95 per class, scale-up vs the configured delay, nothing lost, ledger rows = images."""
-    if render is not None:
-        saved = read_json(render)
-        print(summary(saved["meta"], saved["measured"], saved["analysis"], saved["plan"]))
-        return
     from zimage_platform.config import load_config
     from zimage_platform.scheduling.simulation import load_profile
 
-    config = load_config(config_path)
-    profile = load_profile(profile_path)
-    replay_plan(profile, config)  # a bad profile fails here, before Ray starts
-    base = with_engine(config, "simulated", slice_=None, precision=None)
-    meta = run_meta(
-        sys.argv[1:],
-        profile=os.path.relpath(profile_path, REPO),
-        pools=os.path.relpath(config_path, REPO),
-        profile_startup_s=profile.startup_for(next(iter(config.pools))),
-        engine=engine_meta(base),
-    )
-    measured = measure(base, profile, poll, drain_timeout)
+    if render is not None:  # the run as measured; analysis and plan again, with this code
+        saved = read_json(render)
+        meta, measured = saved["meta"], saved["measured"]
+        config, profile = load_config(REPO / meta["pools"]), load_profile(REPO / meta["profile"])
+        poll = meta.get("poll_s", poll)
+    else:
+        config, profile = load_config(config_path), load_profile(profile_path)
+        replay_plan(profile, config)  # a bad profile fails here, before Ray starts
+        base = with_engine(config, "simulated", slice_=None, precision=None)
+        meta = run_meta(
+            sys.argv[1:],
+            profile=os.path.relpath(profile_path, REPO),
+            pools=os.path.relpath(config_path, REPO),
+            profile_startup_s=profile.startup_for(next(iter(config.pools))),
+            poll_s=poll,
+            engine=engine_meta(base),
+        )
+        measured = measure(
+            base, profile, poll_s=poll, drain_timeout_s=drain_timeout, max_noise=max_noise, quiet_wait=quiet_wait
+        )
+        meta["load_average_after"] = os.getloadavg()
     analysis = analyse(config, measured, poll)
-    startup = analysis["startup_p50_s"] or profile.startup_for(next(iter(config.pools)))
-    plan = plan_run(config, profile, startup)
-    meta["load_average_after"] = os.getloadavg()
-    write_json(json_out, {"meta": meta, "measured": measured, "analysis": analysis, "plan": plan})
+    plan = plan_run(config, profile, analysis["startup_s"])
+    if render is None:
+        write_json(json_out, {"meta": meta, "measured": measured, "analysis": analysis, "plan": plan})
     print(summary(meta, measured, analysis, plan))

@@ -79,6 +79,17 @@ def desired_replicas(
     return min(max_replicas, max(min_replicas, floor, wanted))
 
 
+def wake_calls(queued_batches: float, config: AutoscalingConfig, slots: int) -> int:
+    """Wake-up calls to keep waiting at the handle of an engine deployment with no replica.
+
+    With no replica to report the scheduler's view, :class:`QueueAwarePolicy` takes the calls
+    waiting at the handle as the work: one per batch the queue would make (capped at what
+    ``max_replicas`` run) starts the replicas the queue needs at once, as the simulator's
+    :class:`ReplicaAutoscaler` does, not one replica and the rest a start-up later."""
+    most = math.ceil(config.max_replicas * slots * config.target_ongoing_requests - 1e-9)
+    return max(0, min(math.ceil(queued_batches - 1e-9), most))
+
+
 class QueueAwarePolicy:
     """Ray Serve custom autoscaling policy of one engine deployment.
 
@@ -86,8 +97,8 @@ class QueueAwarePolicy:
     slots per replica; see :func:`serve_autoscaling_config`), then called every control-loop tick
     with Serve's ``AutoscalingContext``. Every replica reports the same deployment-wide view, so
     the freshest (largest over the look-back) is taken, not their sum. With no replica to report
-    (scaled to zero) the scheduler's wake-up calls wait at the deployment's handle, and Serve's
-    own request count starts the first replica.
+    (scaled to zero) the scheduler's wake-up calls wait at the deployment's handle, one per
+    queued batch (:func:`wake_calls`), and Serve's own count of them is the work.
     """
 
     def __init__(self, *, slots: int, target: float, floors: list[dict[str, Any]] | None = None) -> None:
