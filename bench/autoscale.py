@@ -24,7 +24,8 @@ How it measures, and why:
   submission's send time to the job row's finish) and the plan's (arrival to last image, plus
   the model's request overhead) must agree within 25 %.
 * Scale-up: each replica start seen is matched with the moment the work first called for more
-  replicas than there were (``desired_replicas`` on the polled work, continuously since). The
+  replicas than there were (``desired_replicas`` on the polled work, continuously since; while no
+  replica serves, the policy sees only the scheduler's wake-up call, not the queue). The
   decision must come within the configured delay (``upscale_delay_s + look_back_s +
   metrics_interval_s``: Serve averages the reported work over the look-back before the delay
   starts) plus one poll; start-up (starting → running) is reported against the profile's.
@@ -261,13 +262,14 @@ def replica_starts(rows: list[list[float]]) -> list[tuple[float | None, float | 
 
 def scale_ups(rows: list[list[float]], scaling: AutoscalingConfig, slots: int) -> list[dict[str, Any]]:
     """Each replica start with the moment the work called for it: the first poll of the run of
-    polls, just before the start, in which the policy's decision on the polled work
-    (``desired_replicas``) exceeded the replicas there were (running + starting)."""
+    polls, just before the start, in which the policy's decision on the work it could see
+    (``desired_replicas``) exceeded the replicas there were (running + starting). While no
+    replica serves, none reports the queue: the policy sees the scheduler's one wake-up call."""
     from zimage_platform.scheduling.autoscaling import desired_replicas
 
     def wanted(row: list[float]) -> int:
         return desired_replicas(
-            row[3],
+            row[3] if row[1] else min(row[3], 1.0),
             slots=slots,
             target=scaling.target_ongoing_requests,
             min_replicas=scaling.min_replicas,

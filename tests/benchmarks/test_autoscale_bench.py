@@ -85,6 +85,12 @@ def test_scale_up_is_timed_from_when_the_work_first_called_for_it():
         (7.0, 14.0, 20.0, False),
     ]
     assert events[1]["decision_s"] == 7.0 and events[1]["startup_s"] == 6.0 and events[1]["scale_up_s"] == 13.0
+    # From zero, the queue shows only once a replica serves: the second start is timed from there.
+    from_zero = [[0.0, 0, 0, 0], [1.0, 0, 1, 5], [9.0, 0, 1, 5], [10.0, 1, 0, 5], [16.0, 1, 1, 5], [30.0, 2, 0, 5]]
+    assert [(e["needed_at"], e["started_at"]) for e in scale_ups(from_zero, scaling, slots=1)] == [
+        (1.0, 1.0),
+        (10.0, 16.0),
+    ]
     assert configured_delay(scaling) == 8.0
     allowed = {"Engine-turbo-rt": 8.5}
     ok = scale_up_target([{"deployment": "Engine-turbo-rt", **e} for e in events], allowed)

@@ -2,29 +2,23 @@
 
 from __future__ import annotations
 
-import asyncio
 from datetime import UTC, datetime, timedelta
 
 from ray.serve._private.common import DeploymentID, ReplicaID
 from ray.serve.config import AutoscalingContext
 
-from zimage_platform.config import AutoscalingConfig, PoolConfig
-from zimage_platform.db import create_db_engine
+from zimage_platform.config import AutoscalingConfig
 from zimage_platform.scheduling.autoscaling import (
     INFLIGHT_BATCHES,
     QUEUED_BATCHES,
     QueueAwarePolicy,
     desired_replicas,
     serve_autoscaling_config,
-    wake_calls,
 )
 from zimage_platform.scheduling.dispatcher import Dispatcher, PoolPolicy
-from zimage_platform.scheduling.service import SchedulerService
-from zimage_platform.scheduling.store import JobStore
 from zimage_platform.scheduling.work import WorkItem, WorkKey
 
 NOW = datetime(2026, 11, 11, 0, 30, tzinfo=UTC)
-KEY = WorkKey("turbo", "64x64", 8, False, "euler", 3.0, None, None)
 
 
 def context(metrics: dict[str, dict[str, float]], *, replicas: int, requests: float = 0.0, lo=1, hi=8):
@@ -78,49 +72,6 @@ def test_scaled_to_zero_it_starts_a_replica_for_work_waiting_at_the_handle():
     assert policy(context({}, replicas=0, requests=1, lo=0))[0] == 1  # the scheduler's wake-up call
 
 
-def test_from_zero_the_wake_up_calls_ask_for_what_the_queue_needs_at_once(config, tmp_path):
-    """The scheduler keeps one wake-up call per queued batch at the handle of a deployment with no
-    replica (up to what ``max_replicas`` run), so Serve starts as many replicas as the simulator's
-    model does, at once, not one and the rest a start-up later (bench autoscale saw 0 → 1)."""
-    scaling = AutoscalingConfig(min_replicas=0, max_replicas=3)
-    assert [wake_calls(b, scaling, slots=1) for b in (0, 1, 2, 5)] == [0, 1, 2, 3]
-    assert wake_calls(5, scaling, slots=2) == 5  # two slots each: 3 replicas run 6 batches
-    policy = QueueAwarePolicy(slots=1, target=1.0)
-    for batches in (1, 2, 5):
-        calls = wake_calls(batches, scaling, slots=1)
-        wanted = desired_replicas(batches, slots=1, target=1.0, min_replicas=0, max_replicas=3)
-        assert policy(context({}, replicas=0, requests=calls, lo=0, hi=3))[0] == wanted
-
-    class Engines:
-        def __init__(self) -> None:
-            self.waiting, self.up = 0, asyncio.Event()
-
-        async def wake(self, pool: str, variant: str) -> None:
-            self.waiting += 1
-            await self.up.wait()  # as at the handle: until the deployment has a replica
-            self.waiting -= 1
-
-    pools = {"zero": PoolConfig(variants=["turbo"], max_batch={"default": 2}, autoscaling=scaling)}
-    store = JobStore(create_db_engine(f"sqlite:///{tmp_path / 'jobs.db'}"))
-    engines = Engines()
-    service = SchedulerService(config.model_copy(update={"pools": pools}), store, engines)
-
-    async def go() -> tuple[int, int, int]:
-        for n in range(5):  # 5 images, 2 per batch: 3 batches
-            service.dispatcher.submit(work_item(f"j{n}"))
-        service._wake_scaled_to_zero()
-        service._wake_scaled_to_zero()  # calls already waiting are not sent again
-        await asyncio.sleep(0)
-        asked = engines.waiting
-        service.set_capacity("zero", "turbo", 1)  # the first replica's heartbeat
-        engines.up.set()
-        await asyncio.sleep(0.01)
-        service._wake_scaled_to_zero()
-        return asked, engines.waiting, len(service._waking)
-
-    assert asyncio.run(go()) == (3, 0, 0)
-
-
 def test_a_promotion_floor_holds_replicas_only_inside_its_window():
     window = {"start": (NOW - timedelta(minutes=5)).isoformat(), "end": (NOW + timedelta(hours=1)).isoformat()}
     policy = QueueAwarePolicy(slots=1, target=1.0, floors=[{**window, "min_replicas": 6}])
@@ -147,28 +98,26 @@ def test_serve_config_names_the_policy_and_carries_floors():
     assert isinstance(built.policy.get_policy()(**kwargs), QueueAwarePolicy)
 
 
-def work_item(job_id: str, priority: str = "bulk", key: WorkKey = KEY) -> WorkItem:
-    return WorkItem(
-        job_id=job_id,
-        index=0,
-        tenant_id="t",
-        priority=priority,
-        key=key,
-        seed=0,
-        prompt="p",
-        negative_prompt="",
-        guidance=0.0,
-        input_key=None,
-        created_at=NOW,
-    )
-
-
 def test_the_dispatcher_reports_the_load_both_callers_scale_on():
+    key = WorkKey("turbo", "64x64", 8, False, "euler", 3.0, None, None)
     d = Dispatcher([PoolPolicy("rt", ("realtime", "standard"), ("turbo",), lambda k: 0.0, lambda k: 4)])
     d.set_capacity("rt", "turbo", 1)
     for n in range(10):
-        priority = "standard" if n % 2 else "realtime"
-        d.submit(work_item(f"j{n}", priority, KEY if n < 9 else KEY._replace(size="128x128")))
+        d.submit(
+            WorkItem(
+                job_id=f"j{n}",
+                index=0,
+                tenant_id="t",
+                priority="standard" if n % 2 else "realtime",
+                key=key if n < 9 else key._replace(size="128x128"),
+                seed=n,
+                prompt="p",
+                negative_prompt="",
+                guidance=0.0,
+                input_key=None,
+                created_at=NOW,
+            )
+        )
     assert d.next_batch(0.0)[0] is not None  # 4 leave; 5 of 64x64 (2 batches) and 1 of 128x128 wait
     load = d.load("rt", "turbo")
     assert (load.inflight_batches, load.queued_batches, load.batches) == (1, 3, 4)

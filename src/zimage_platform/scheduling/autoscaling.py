@@ -79,17 +79,6 @@ def desired_replicas(
     return min(max_replicas, max(min_replicas, floor, wanted))
 
 
-def wake_calls(queued_batches: float, config: AutoscalingConfig, slots: int) -> int:
-    """Wake-up calls to keep waiting at the handle of an engine deployment with no replica.
-
-    With no replica to report the scheduler's view, :class:`QueueAwarePolicy` takes the calls
-    waiting at the handle as the work: one per batch the queue would make (capped at what
-    ``max_replicas`` run) starts the replicas the queue needs at once, as the simulator's
-    :class:`ReplicaAutoscaler` does, not one replica and the rest a start-up later."""
-    most = math.ceil(config.max_replicas * slots * config.target_ongoing_requests - 1e-9)
-    return max(0, min(math.ceil(queued_batches - 1e-9), most))
-
-
 class QueueAwarePolicy:
     """Ray Serve custom autoscaling policy of one engine deployment.
 
@@ -97,8 +86,8 @@ class QueueAwarePolicy:
     slots per replica; see :func:`serve_autoscaling_config`), then called every control-loop tick
     with Serve's ``AutoscalingContext``. Every replica reports the same deployment-wide view, so
     the freshest (largest over the look-back) is taken, not their sum. With no replica to report
-    (scaled to zero) the scheduler's wake-up calls wait at the deployment's handle, one per
-    queued batch (:func:`wake_calls`), and Serve's own count of them is the work.
+    (scaled to zero) the scheduler's wake-up calls wait at the deployment's handle, and Serve's
+    own request count starts the first replica.
     """
 
     def __init__(self, *, slots: int, target: float, floors: list[dict[str, Any]] | None = None) -> None:
@@ -165,7 +154,12 @@ class ReplicaAutoscaler:
     :class:`QueueAwarePolicy`: the same :func:`desired_replicas` on the work averaged over
     ``look_back_s``; a change up (down) applied once it has been wanted continuously for
     ``upscale_delay_s`` (``downscale_delay_s``), at once from zero; a new replica serves only
-    after ``startup_s`` (pod scheduling, engine load and warm-up)."""
+    after ``startup_s`` (pod scheduling, engine load and warm-up).
+
+    While no replica serves, none reports the queue: the policy sees only the scheduler's one
+    wake-up call waiting at the handle, so a deployment at zero gets one replica (or its floor)
+    at once and the rest once that one serves and reports, after the delay (as measured on
+    Serve by ``python -m bench autoscale``)."""
 
     def __init__(
         self,
@@ -210,6 +204,8 @@ class ReplicaAutoscaler:
         """Record the deployment's work (``batches`` in flight and queued) at ``now``; apply a
         change once its delay has passed. Returns the change in *serving* replicas (negative:
         stop that many now)."""
+        if not self.ready:  # nothing reports: the policy sees the wake-up call, not the queue
+            batches = min(batches, 1.0)
         self._samples.append((now, batches))
         self._sum += batches
         while self._samples and now - self._samples[0][0] > self.config.look_back_s:

@@ -25,7 +25,6 @@ from sqlalchemy.exc import DBAPIError
 from zimage_platform.billing.ledger import LedgerEntry
 from zimage_platform.db import utcnow
 from zimage_platform.scheduling.admission import Admission, AdmissionLimit, QueueFull, month_start
-from zimage_platform.scheduling.autoscaling import wake_calls
 from zimage_platform.scheduling.dispatcher import Dispatcher, pool_policies
 from zimage_platform.scheduling.events import EventHub
 from zimage_platform.scheduling.models import TERMINAL, JobRow
@@ -179,8 +178,8 @@ class SchedulerService:
         self._tasks: set[asyncio.Task] = set()
         self._batches: dict[str, Batch] = {}
         self._deployments = [(pool, v) for pool in config.pools for v in config.pool_variants(pool)]
-        #: Wake-up calls outstanding per engine deployment (pool, variant) with no replica.
-        self._waking: dict[tuple[str, str], int] = {}
+        #: Engine deployments (pool, variant) with a wake-up call outstanding.
+        self._waking: set[tuple[str, str]] = set()
         #: Batches whose engine slot is still taken (released before their images are recorded).
         self._holding: set[str] = set()
         self._cancelled_items: set[str] = set()
@@ -597,25 +596,16 @@ class SchedulerService:
 
     def _wake_scaled_to_zero(self) -> None:
         """Work waits for an engine deployment with no replica (``min_replicas: 0``): keep one
-        wake-up call per queued batch waiting at its handle (``autoscaling.wake_calls``), so Serve
-        starts the replicas the queue needs (their heartbeats then bring capacity)."""
+        wake-up call outstanding, so Serve starts a replica (its heartbeat then brings capacity)."""
         capacity, queues = self.dispatcher.capacity, self.dispatcher.queues
         for pool, variant in self._deployments:
-            key = (pool, variant)
-            if capacity.get(key) or not queues[pool]:
+            if capacity.get((pool, variant)) or not queues[pool] or (pool, variant) in self._waking:
                 continue
-            batches = self.dispatcher.load(pool, variant).queued_batches
-            pool_cfg = self.config.pools[pool]
-            wanted = wake_calls(batches, pool_cfg.autoscaling, pool_cfg.max_concurrent_batches)
-            for _ in range(wanted - self._waking.get(key, 0)):
-                self._waking[key] = self._waking.get(key, 0) + 1
-                task = self._spawn(self.engines.wake(pool, variant), name=f"wake-{pool}-{variant}")
-                task.add_done_callback(lambda _, key=key: self._woken(key))
-
-    def _woken(self, key: tuple[str, str]) -> None:
-        self._waking[key] -= 1
-        if not self._waking[key]:
-            del self._waking[key]
+            if not self.dispatcher.load(pool, variant).queued_batches:
+                continue
+            self._waking.add((pool, variant))
+            task = self._spawn(self.engines.wake(pool, variant), name=f"wake-{pool}-{variant}")
+            task.add_done_callback(lambda _, key=(pool, variant): self._waking.discard(key))
 
     def _publish_gauges(self) -> None:
         registry = metrics()
