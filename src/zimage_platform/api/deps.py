@@ -42,7 +42,9 @@ def tenant(
 
 
 def admit(request: Request, found: TenantSpec) -> TenantSpec:
-    """Count an authenticated request against its tenant's request rate (429 over it)."""
+    """Count an authenticated request against its tenant's request rate (429 over it). A plain
+    function, like :func:`tenant`: FastAPI runs it in a worker thread, so a Redis round trip
+    (bounded by ``tenancy.redis_timeout_s``) never blocks the event loop."""
     services: PlatformServices = request.app.state.services
     request.state.tenant_id = found.id
     with span("rate_limit", tenant=found.id, backend=services.rate_limiter.backend):
