@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from pathlib import Path
 
+import httpcore
 import pytest
 
 from zimage_platform.config import PlatformConfig, load_config
@@ -143,3 +145,42 @@ def database_url(request, tmp_path: Path) -> str:
     upgrade(engine)
     engine.dispose()
     return url
+
+
+@pytest.fixture
+def dns(monkeypatch):
+    """Names under ``.test`` answer from a script: each lookup takes the next answer (the last repeats)."""
+    answers: dict[str, list[str]] = {}
+    lookups: list[str] = []
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        host = host.decode() if isinstance(host, bytes) else host  # anyio passes IDNA bytes
+        if isinstance(host, str) and host.endswith(".test"):
+            lookups.append(host)
+            script = answers[host]
+            address = script.pop(0) if len(script) > 1 else script[0]
+            family = socket.AF_INET6 if ":" in address else socket.AF_INET
+            return [(family, socket.SOCK_STREAM, 6, "", (address, int(port or 0)))]
+        return real(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return answers, lookups
+
+
+@pytest.fixture
+def connects(monkeypatch):
+    """Every TCP connect the HTTP clients make; a public address is refused (tests stay offline)."""
+    from zimage_platform.netsafe import is_public
+
+    seen: list[tuple[str, int]] = []
+    real = httpcore.AnyIOBackend.connect_tcp
+
+    async def connect_tcp(self, host, port, *args, **kwargs):
+        seen.append((host, port))
+        if is_public(host):
+            raise httpcore.ConnectError("no route to a public address in tests")
+        return await real(self, host, port, *args, **kwargs)
+
+    monkeypatch.setattr(httpcore.AnyIOBackend, "connect_tcp", connect_tcp)
+    return seen

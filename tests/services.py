@@ -8,87 +8,14 @@ test setup starts a private one on a free port from the Debian binaries and stop
 
 from __future__ import annotations
 
-import os
-import pwd
-import shutil
-import signal
-import socket
-import subprocess
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
-
-
-def _answers(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for(port: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if _answers("127.0.0.1", port):
-            return
-        time.sleep(0.1)
-    raise TimeoutError(f"nothing answered on 127.0.0.1:{port} after {timeout}s")
-
+from bench.services import PrivatePostgres, PrivateRedis, answers, free_port
 
 # -- PostgreSQL -----------------------------------------------------------------------------
-
-
-@contextmanager
-def _private_postgres() -> Iterator[int]:
-    """initdb + pg_ctl on a free port; initdb refuses root, so it runs as the postgres user."""
-    binary = PG_BIN if PG_BIN.is_dir() else Path(shutil.which("initdb") or "initdb").parent
-    data = Path(tempfile.mkdtemp(prefix="zimage-pg-"))
-    port = _free_port()
-    as_user: dict = {}
-    if os.geteuid() == 0:
-        pw = pwd.getpwnam("postgres")
-        os.chown(data, pw.pw_uid, pw.pw_gid)
-        as_user = {"user": pw.pw_uid, "group": pw.pw_gid}
-    subprocess.run(
-        [binary / "initdb", "-D", data / "db", "-U", "postgres", "--auth=trust"],
-        check=True,
-        capture_output=True,
-        **as_user,
-    )
-    subprocess.run(
-        [
-            binary / "pg_ctl",
-            "-D",
-            data / "db",
-            "-l",
-            data / "log",
-            "-w",
-            "start",
-            "-o",
-            f"-p {port} -k {data} -c listen_addresses=127.0.0.1",
-        ],
-        check=True,
-        capture_output=True,
-        **as_user,
-    )
-    try:
-        _wait_for(port)
-        yield port
-    finally:
-        subprocess.run([binary / "pg_ctl", "-D", data / "db", "-m", "fast", "stop"], capture_output=True, **as_user)
-        shutil.rmtree(data, ignore_errors=True)
 
 
 @contextmanager
@@ -110,11 +37,11 @@ def postgres_database() -> Iterator[str]:
 
 @contextmanager
 def _postgres_port() -> Iterator[int]:
-    if _answers("127.0.0.1", 5432):
+    if answers("127.0.0.1", 5432):
         yield 5432
     else:
-        with _private_postgres() as port:
-            yield port
+        with PrivatePostgres() as server:
+            yield server.port
 
 
 # -- Redis ----------------------------------------------------------------------------------
@@ -123,35 +50,16 @@ def _postgres_port() -> Iterator[int]:
 @contextmanager
 def redis_url() -> Iterator[str]:
     """A Redis URL: the machine's own server, or a private one on a free port."""
-    if _answers("127.0.0.1", 6379):
+    if answers("127.0.0.1", 6379):
         yield "redis://127.0.0.1:6379/0"
         return
-    port = _free_port()
-    workdir = Path(tempfile.mkdtemp(prefix="zimage-redis-"))
-    proc = subprocess.Popen(
-        [
-            shutil.which("redis-server") or "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        _wait_for(port)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=10)
-        shutil.rmtree(workdir, ignore_errors=True)
+    with PrivateRedis() as server:
+        yield server.url
+
+
+def closed_port() -> int:
+    """A local port nothing listens on (connections are refused at once)."""
+    return free_port()
 
 
 def wait_http_ready(url: str, timeout: float = 300) -> None:

@@ -20,3 +20,11 @@ def add_tenant(config, tenant_id: str, **spec) -> str:
     body = {"id": tenant_id, "display_name": tenant_id.title(), **spec, "api_keys": [record, *spec.get("api_keys", [])]}
     (folder / f"{tenant_id}.yaml").write_text(yaml.safe_dump(body))
     return key.raw
+
+
+def edit_tenant(config, tenant_id: str, change) -> None:
+    """Change a tenant's file in place (``change(spec)`` edits the parsed YAML), as an operator would."""
+    path = Path(config.tenancy.dirs[0]) / f"{tenant_id}.yaml"
+    spec = yaml.safe_load(path.read_text())
+    change(spec)
+    path.write_text(yaml.safe_dump(spec))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from zimage_platform.config import load_config
+from zimage_platform.config import PoolConfig, load_config
 
 
 def test_specs_load_from_the_engines_folder(config):
@@ -65,6 +65,9 @@ def test_inline_variants_replace_the_folder(tmp_path: Path):
             },
             "named by both",
         ),
+        ({"pools": {"cpu": {"tenant_share": {"bulk": 0}}}}, r"tenant_share\.bulk"),
+        ({"pools": {"cpu": {"tenant_share": {"default": 1.5}}}}, r"tenant_share\.default"),
+        ({"pools": {"cpu": {"tenant_share": {"premium": 0.5}}}}, r"tenant_share\.premium"),
     ],
 )
 def test_invalid_config_is_refused_with_the_reason(overrides, message):
@@ -98,3 +101,11 @@ def test_unknown_variant_lists_the_valid_ones(config):
 def test_missing_config_file_is_an_error(tmp_path: Path):
     with pytest.raises(FileNotFoundError):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_a_tenant_share_of_each_class_queue_by_default():
+    """Half of each class's queue bound per tenant unless configured; a class may have its own."""
+    pool = PoolConfig(queue_bound={"realtime": 64, "bulk": 101}, tenant_share={"default": 0.5, "bulk": 0.1})
+    assert PoolConfig().tenant_share == {"default": 0.5}
+    assert pool.tenant_bound("realtime") == 32 and pool.tenant_bound("bulk") == 10
+    assert pool.tenant_bound("standard") is None  # no bound, no share

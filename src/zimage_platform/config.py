@@ -17,7 +17,7 @@ from decimal import Decimal
 from functools import cached_property
 from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
@@ -308,9 +308,23 @@ class PoolConfig(_Strict):
     queue_deadline_s: dict[str, float] = Field(
         default_factory=lambda: {"realtime": 30.0, "standard": 600.0, "bulk": 86_400.0}
     )
+    #: The most of a class's queue bound one tenant's waiting images may take, per class
+    #: (``default`` for the rest), in (0, 1]: a tenant over its share gets 429
+    #: ``tenant_queue_share`` while other tenants of the class are still admitted.
+    tenant_share: dict[PriorityClass | Literal["default"], Annotated[float, Field(gt=0, le=1)]] = Field(
+        default_factory=lambda: {"default": 0.5}
+    )
 
     def wait_s(self, bucket: str) -> float:
         return self.max_wait_ms.get(bucket, self.max_wait_ms.get("default", 25.0)) / 1000
+
+    def tenant_bound(self, priority: str) -> int | None:
+        """Images one tenant may have waiting in ``priority``'s queue (``None``: unbounded)."""
+        bound = self.queue_bound.get(priority)
+        if bound is None:
+            return None
+        share = self.tenant_share.get(priority, self.tenant_share.get("default", 1.0))  # type: ignore[call-overload]
+        return max(1, int(bound * share))
 
     def batch_cap(self, bucket: str) -> int | None:
         return self.max_batch.get(bucket, self.max_batch.get("default"))
@@ -369,17 +383,48 @@ class ApiLimits(_Strict):
     max_batch_rows: int = Field(10_000, ge=1)
     #: Seconds a synchronous ``/v1/images/generations`` call may wait before 504.
     sync_timeout_s: float = Field(300.0, gt=0)
+    #: Open event streams (ComfyUI WebSockets and job SSE together) of one tenant on one ingress
+    #: replica; over it: SSE 429 / WebSocket close 4429, ``too_many_streams``.
+    max_streams_per_tenant: int = Field(32, ge=1)
+    #: How often an open stream re-checks its caller (key, tenant, browser session) between
+    #: events; the key and tenant are also checked before every event.
+    stream_recheck_s: float = Field(15.0, gt=0)
     #: Fetching input images by URL: allow private/loopback hosts (embedded default only).
     allow_private_urls: bool = False
+    #: Workflow graphs as stored (a ComfyUI prompt, a saved workflow): compact JSON bytes and
+    #: nodes. The largest official template is ~200 nodes.
+    max_graph_bytes: int = Field(1024 * 1024, ge=1024)
+    max_graph_nodes: int = Field(1000, ge=1)
+    #: A ComfyUI prompt's ``extra_data`` as stored: the frontend puts its whole UI workflow in
+    #: it (``extra_pnginfo.workflow``; the largest official template is ~200 KB of JSON).
+    max_extra_data_bytes: int = Field(1024 * 1024, ge=1024)
+    #: ComfyUI listings (``/history``, ``/queue``, ``/api/jobs``): items per page when the caller
+    #: names no size, the most per page, and the most graph + extra_data bytes one response holds.
+    history_page_items: int = Field(100, ge=1)
+    max_page_items: int = Field(500, ge=1)
+    max_listing_bytes: int = Field(64 * 1024 * 1024, ge=1024 * 1024)
 
 
 class WebhookConfig(_Strict):
     #: Deliver to loopback/private addresses (the embedded default and tests only).
     allow_private: bool = False
-    #: Platform signing secret (``whsec_...``) for tenants without their own; else a file under data_dir.
+    #: Platform master secret: each tenant's signing secret is derived from it (HMAC of the tenant
+    #: id and its secret generation) unless the tenant names its own; else a file under data_dir.
     signing_secret: str | None = None
-    max_attempts: int = Field(8, ge=1)
-    timeout_s: float = Field(10.0, gt=0)
+    #: Seconds one attempt may take in all (connect, send, the answer's head).
+    timeout_s: float = Field(5.0, gt=0)
+    #: Deliveries of one tenant in flight at once: a slow receiver only delays its own tenant.
+    per_tenant_concurrency: int = Field(4, ge=1)
+    #: Retries back off from backoff_s, doubling up to max_backoff_s (±20% jitter) ...
+    backoff_s: float = Field(1.0, gt=0)
+    max_backoff_s: float = Field(3600.0, gt=0)
+    #: ... until the event is this old (from when it was queued or redelivered): then it is a dead
+    #: letter, listed at GET /v1/webhooks/deliveries?status=dead_letter for the tenant to redeliver.
+    max_age_s: float = Field(86400.0, gt=0)
+    #: After a tenant rotates its secret, the previous one still signs (a second signature) this long.
+    rotation_overlap_s: float = Field(86400.0, ge=0)
+    #: How often the outbox is polled for retries that have come due.
+    poll_s: float = Field(1.0, gt=0)
 
 
 class TenancyConfig(_Strict):
@@ -394,6 +439,11 @@ class TenancyConfig(_Strict):
     redis_url: str | None = None
     #: Key prefix in Redis (several platforms or test runs can share one server).
     redis_prefix: str = "zimage"
+    #: Connect and read timeout of each rate-limit call to Redis (no retries).
+    redis_timeout_s: float = Field(0.25, gt=0)
+    #: After Redis failed, how long it is not dialled (requests/min then count on this replica's
+    #: share of the limit, images/min answer 503 ``rate_limiter_unavailable``); then it is probed.
+    redis_retry_s: float = Field(5.0, gt=0)
     #: A content policy file replacing the one packaged with the platform (bilingual blocked
     #: terms); unset: the packaged policy. Tenants add or disable rules in their own files.
     policy_file: Path | None = None

@@ -34,6 +34,12 @@ class PlatformError(Exception):
         self.param = param
         self.choices = list(choices) if choices is not None else None
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle whole: class, message and every attribute, whatever the subclass's ``__init__``
+        takes. Errors cross Ray handle calls (scheduler → ingress) by pickle; the default
+        (``cls(*args)``) fails for keyword-only arguments, and flattening to a dict lost the class."""
+        return _restore, (type(self), self.message), dict(self.__dict__)
+
     def to_dict(self) -> dict[str, Any]:
         body: dict[str, Any] = {"type": type(self).__name__, "code": self.code, "message": self.message}
         if self.param is not None:
@@ -41,6 +47,13 @@ class PlatformError(Exception):
         if self.choices is not None:
             body["choices"] = self.choices
         return body
+
+
+def _restore(cls: type[PlatformError], message: str) -> PlatformError:
+    """An unpickled error, before its attributes are set back (``__setstate__``)."""
+    exc = cls.__new__(cls)
+    Exception.__init__(exc, message)
+    return exc
 
 
 class InvalidRequest(PlatformError):

@@ -16,7 +16,7 @@ def api_config(config, s3, tmp_path_factory):
         config,
         s3,
         tmp_path_factory.mktemp("api"),
-        webhooks={"allow_private": True, "signing_secret": None},
+        webhooks={"allow_private": True, "signing_secret": None, "backoff_s": 0.05, "poll_s": 0.05},
         limits={"allow_private_urls": True, "sync_timeout_s": 60},
     )
 

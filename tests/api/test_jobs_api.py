@@ -220,3 +220,20 @@ async def test_edit_from_an_http_url(client: httpx.AsyncClient):
     missing = done["images"][0]["url"].replace("/0.png", "/404.png")
     response = await client.post("/v1/jobs", json={"variant": "edit", "prompt": "x", "image_url": missing, **FAST})
     assert response.status_code == 422 and response.json()["error"]["code"] == "image_url_unreachable"
+
+
+async def test_json_bodies_refuse_non_finite_numbers(client: httpx.AsyncClient):
+    """Python's json reads NaN, Infinity and 1e999; JSON has none of them, and nothing stored with
+    one could be sent back: every JSON body refuses them with one reason code."""
+    json_type = {"Content-Type": "application/json"}
+    for literal in ("NaN", "Infinity", "-Infinity", "1e999"):
+        body = f'{{"prompt": "x", "guidance": {literal}, "size": "64x64", "steps": 3}}'
+        for path in ("/v1/jobs", "/v1/images/generations"):
+            answer = await client.post(path, content=body, headers=json_type)
+            assert answer.status_code == 422, (path, literal, answer.text)
+            assert answer.json()["error"]["code"] == "non_finite_number", (path, literal)
+    multipart = {"image": ("in.png", b"\x89PNG", "image/png")}
+    form = await client.post("/v1/jobs", files=multipart, data={"request": '{"prompt": "x", "shift": NaN}'})
+    assert form.status_code == 422 and form.json()["error"]["code"] == "non_finite_number"
+    malformed = await client.post("/v1/images/generations", content=b'{"prompt": ', headers=json_type)
+    assert malformed.status_code == 422 and malformed.json()["error"]["code"] == "invalid_parameter"

@@ -56,6 +56,25 @@ async def test_image_rate_limit_counts_images(client: httpx.AsyncClient, tight):
     assert await jobs_of(client, tight["ipm"]) == 1
 
 
+async def test_redis_down_requests_pass_images_answer_503(client: httpx.AsyncClient, platform, api_config, monkeypatch):
+    """The shared rate-limit store is unreachable: calls still answer (requests/min on this
+    replica's share, flagged), generation answers 503 rate_limiter_unavailable with Retry-After
+    and creates nothing — not a 500 on every call."""
+    from services import closed_port
+    from zimage_platform.tenancy.ratelimit import TenantRateLimiter
+
+    dead = TenantRateLimiter("redis", redis_url=f"redis://127.0.0.1:{closed_port()}/0", key_prefix="zimage-test")
+    monkeypatch.setattr(platform.app.state.services, "rate_limiter", dead)
+    key = add_tenant(api_config, "redis-down")
+    listed = await client.get("/v1/jobs", headers=as_(key))
+    assert listed.status_code == 200 and listed.headers["x-ratelimit-degraded"] == "rate_limiter_unavailable"
+    for path in ("/v1/jobs", "/v1/images/generations"):
+        refused = await client.post(path, json={"prompt": "x", **FAST}, headers=as_(key))
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "rate_limiter_unavailable"
+        assert 1 <= int(refused.headers["retry-after"]) <= 5
+    assert await jobs_of(client, key) == 0
+
+
 async def test_monthly_quota(client: httpx.AsyncClient, tight):
     assert (
         await client.post("/v1/jobs", json={"prompt": "x", "n": 2, **FAST}, headers=as_(tight["quota"]))

@@ -23,6 +23,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from zimage_platform.config import TelemetryConfig
+from zimage_platform.telemetry.metrics import metrics
 from zimage_platform.telemetry.tracing import configure_tracing, exporter_for, instrument_engine
 
 
@@ -149,3 +150,30 @@ def test_every_database_engine_in_a_process_gets_statement_spans(tmp_path):
             conn.execute(text("SELECT 1"))
     statements = [s for s in exporter.get_finished_spans() if s.attributes.get("db.statement") == "SELECT 1"]
     assert len(statements) == 3
+
+
+async def test_a_comfy_path_key_reaches_no_span_metric_or_log(client: httpx.AsyncClient, keys, spans, caplog):
+    """``/comfy/<key>/`` is stripped before the server span opens: the key is in no span name,
+    attribute or event, no metric label and no log line (a trace backend is not a key store)."""
+    key = keys["acme"]
+    secret_part = key.rsplit("_", 1)[-1]
+    caplog.set_level("DEBUG")
+    async with httpx.AsyncClient(transport=client._transport, base_url="http://platform") as bare:
+        assert (await bare.get(f"/comfy/{key}/queue")).status_code == 200
+        assert (await bare.get(f"/comfy/{key}/api/history", params={"max_items": 1})).status_code == 200
+        assert (await bare.get(f"/comfy/{key}/no-such-route")).status_code == 404
+        assert (await bare.get(f"/comfy/{key}")).status_code == 404
+    await asyncio.sleep(0.1)
+    finished = spans.get_finished_spans()
+    server = [s for s in finished if s.kind.name == "SERVER"]
+    assert server, [s.name for s in finished]
+    texts = [s.name for s in finished]
+    for s in finished:
+        texts += [f"{k}={v}" for k, v in (s.attributes or {}).items()]
+        texts += [f"{e.name} {dict(e.attributes or {})}" for e in s.events]
+    texts += [r.getMessage() for r in caplog.records if r.name != "httpx"]  # not this test's own client
+    texts.append(metrics().exposition().decode())
+    leaked = [t for t in texts if secret_part in t]
+    assert not leaked, leaked
+    targets = {s.attributes.get("http.target") or s.attributes.get("url.path") for s in server}
+    assert {"/queue", "/api/history"} <= targets, targets

@@ -22,7 +22,8 @@ from zimage_platform.billing.report import month_bounds, render_csv, report_line
 from zimage_platform.cli import app
 from zimage_platform.config import BillingConfig
 from zimage_platform.db import create_db_engine
-from zimage_platform.scheduling.models import JobImageRow
+from zimage_platform.db.chain import link_hash
+from zimage_platform.scheduling.models import JobImageRow, JobRow
 from zimage_platform.scheduling.store import JobStore, NewJob, StoredImage
 from zimage_platform.storage.results import ResultStore
 
@@ -169,6 +170,41 @@ def test_audit_names_a_row_missing_from_the_chain(store, results):
     assert kinds(store, results) == ["delivered_not_billed", "row_missing_from_chain"]
 
 
+def test_audit_names_a_cut_tail_of_the_chain(store, results):
+    """Deleting the last rows breaks no hash: the audit compares the chain's end with its head."""
+    deliver(store, results, "acme")
+    with store.session() as s, s.begin():
+        s.execute(delete(LedgerEntryRow).where(LedgerEntryRow.chain_seq >= 2, LedgerEntryRow.tenant_id == "acme"))
+    findings = audit(store.engine, results, tenant_id="acme", start=TODAY, end=TODAY)
+    tail = [f for f in findings if f.kind == "chain_tail_missing"]
+    assert len(tail) == 1 and "rows 2..3 missing" in tail[0].detail
+    # A tenant whose every row was cut (and its jobs with them) still has its head: an audit of
+    # all tenants names it, though nothing of it is left in the range.
+    deliver(store, results, "initech", n=1)
+    with store.session() as s, s.begin():
+        s.execute(delete(LedgerEntryRow).where(LedgerEntryRow.tenant_id == "initech"))
+        s.execute(
+            delete(JobImageRow).where(JobImageRow.job_id.in_(select(JobRow.id).where(JobRow.tenant_id == "initech")))
+        )
+        s.execute(delete(JobRow).where(JobRow.tenant_id == "initech"))
+    everyone = audit(store.engine, results, tenant_id=None, start=TODAY, end=TODAY)
+    assert ("chain_tail_missing", "initech") in {(f.kind, f.tenant_id) for f in everyone}
+
+
+def test_audit_names_a_chain_rewritten_around_its_head(store, results):
+    """Whoever alters the last row and re-hashes it passes the chain check, not the head's."""
+    deliver(store, results, "acme", n=2)
+    last = ledger(store, "acme")[-1]
+    last.unit_price = Decimal("0.000001")
+    with store.session() as s, s.begin():
+        s.execute(
+            update(LedgerEntryRow)
+            .where(LedgerEntryRow.id == last.id)
+            .values(unit_price=last.unit_price, hash=link_hash(last.prev_hash, last.content()))
+        )
+    assert kinds(store, results) == ["chain_head_mismatch"]
+
+
 def test_audit_names_missing_and_altered_objects(store, results):
     deliver(store, results, "acme")
     first, second = ledger(store, "acme")[:2]
@@ -199,6 +235,8 @@ def test_every_finding_kind_is_documented():
     assert set(KINDS) == {
         "row_altered",
         "row_missing_from_chain",
+        "chain_tail_missing",
+        "chain_head_mismatch",
         "object_missing",
         "object_altered",
         "delivered_not_billed",

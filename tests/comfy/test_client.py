@@ -152,3 +152,8 @@ async def test_key_prefix_rewrites_path_and_header():
     mounted = {"type": "http", "root_path": "/zimage", "path": "/zimage/comfy/zk_a_b/api/queue", "headers": []}
     await ComfyKeyPrefix(app)(mounted, None, None)
     assert seen["path"] == "/zimage/api/queue" and seen["headers"] == {b"x-api-key": b"zk_a_b"}
+    # Not a ComfyUI route: no header, and the key leaves the path all the same (it 404s).
+    await ComfyKeyPrefix(app)({"type": "http", "path": "/comfy/zk_a_b/v1/jobs", "headers": []}, None, None)
+    assert seen == {"path": "/comfy/-/v1/jobs", "headers": {}}
+    await ComfyKeyPrefix(app)({"type": "http", "path": "/comfy/zk_a_b", "headers": []}, None, None)
+    assert seen == {"path": "/comfy/-", "headers": {}}

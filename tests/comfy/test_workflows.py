@@ -200,6 +200,29 @@ def test_stores_on_both_databases(database_url):
     assert [r.prompt_id for r in comfy.unfinished("acme")] == ["p3"]
     comfy.mark("acme", ["p1"], history_deleted=True)
     assert [r.prompt_id for r in comfy.history("acme", max_items=None, offset=None)] == ["p2"]
+    # Listings read rows without their bodies, then sizes and workflow ids by SQL (JSON on both).
+    with pytest.raises(Exception):  # noqa: B017 (raiseload or detached: either way never read)
+        _ = comfy.unfinished("acme")[0].graph
+    comfy.add_prompt(
+        ComfyPromptRow(
+            tenant_id="acme",
+            prompt_id="wf",
+            number=9,
+            client_id=None,
+            graph={"1": {"class_type": "Note", "inputs": {"text": "é" * 10}}},
+            extra_data={"extra_pnginfo": {"workflow": {"id": "w-1"}}},
+            outputs_to_execute=[],
+            plan={"jobs": []},
+            job_ids=[],
+            request_hash="h",
+            created_at=utcnow(),
+        ),
+        [],
+    )
+    sizes = comfy.body_sizes("acme", ["wf", "p2", "missing"])
+    assert sizes["wf"] > 60 and 0 < sizes["p2"] < 10 and "missing" not in sizes
+    assert comfy.workflow_ids("acme", ["wf", "p2"]) == {"wf": "w-1", "p2": None}
+    assert comfy.workflow_ids("globex", ["wf"]) == {} and comfy.body_sizes("acme", []) == {}
     comfy.remove_prompt("acme", "p3")
     assert comfy.prompt("acme", "p3") is None
 
@@ -208,3 +231,25 @@ def test_stores_on_both_databases(database_url):
     upgrade(engine)
     assert ComfyStore(engine).take("acme", "prompt") == 1
     engine.dispose()
+
+
+def test_saved_graphs_are_capped_and_finite(http, comfy_server, monkeypatch):
+    """A saved workflow's graph is stored and sent back: over the graph caps it is refused (413
+    with the reason), and so is a body with NaN/Infinity (no JSON can send those back)."""
+    limits = comfy_server.platform.services.config.limits
+    monkeypatch.setattr(limits, "max_graph_bytes", 4000)
+    monkeypatch.setattr(limits, "max_graph_nodes", 10)
+    big = workflow_body()
+    big["graph"]["6"]["inputs"]["text"] = "x" * 4000
+    answer = http.put("/v1/workflows/too-big", json=big)
+    assert answer.status_code == 413 and answer.json()["error"]["code"] == "graph_too_large"
+    assert answer.json()["error"]["param"] == "graph"
+    many = workflow_body()
+    many["graph"].update({f"n{i}": {"class_type": "Note", "inputs": {}} for i in range(10)})
+    answer = http.put("/v1/workflows/too-many", json=many)
+    assert answer.status_code == 413 and answer.json()["error"]["code"] == "too_many_nodes"
+
+    body = json.dumps(workflow_body()).replace('"default": 2', '"default": NaN')
+    answer = http.put("/v1/workflows/nan", content=body, headers={"Content-Type": "application/json"})
+    assert answer.status_code == 422 and answer.json()["error"]["code"] == "non_finite_number"
+    assert http.get("/v1/workflows/nan").status_code == 404

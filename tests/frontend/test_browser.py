@@ -115,11 +115,12 @@ def dismiss_dialogs(page, timeout_s: float = 10.0) -> None:
 
 def run_and_wait_for_image(tab: Tab) -> tuple[str, bytes]:
     """Press Run; wait for the output image in the UI (an ``<img>`` served by ``/api/view``) and
-    fetch its bytes the way the page does (same cookies)."""
+    fetch its bytes the way the page does (same cookies). The wait is generous: on two loaded
+    cores the job and the canvas redraw can take over a minute."""
     page = tab.page
     dismiss_dialogs(page)
     page.click('[data-testid="queue-button"]')
-    image = page.wait_for_selector('img[src*="/api/view?"]', timeout=90_000)
+    image = page.wait_for_selector('img[src*="/api/view?"]', timeout=180_000)
     src = image.get_attribute("src")
     response = tab.context.request.get(src)
     assert response.status == 200 and response.headers["content-type"] == "image/png"

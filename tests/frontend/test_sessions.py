@@ -8,14 +8,13 @@ import re
 import sqlite3
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 
 import httpx
 import pytest
 import websocket
-import yaml
 
 from comfy_server import browser_client
+from tenants import edit_tenant
 
 GRAPH = {
     "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "z_image_turbo.safetensors"}},
@@ -46,13 +45,6 @@ def session_rows(web_config) -> list[tuple]:
     db = web_config.database.url.split("///", 1)[1]
     with sqlite3.connect(db) as conn:
         return conn.execute("SELECT token_hash, tenant_id, key_id FROM browser_sessions").fetchall()
-
-
-def edit_tenant(web_config, tenant_id: str, change) -> None:
-    path = Path(web_config.tenancy.dirs[0]) / f"{tenant_id}.yaml"
-    spec = yaml.safe_load(path.read_text())
-    change(spec)
-    path.write_text(yaml.safe_dump(spec))
 
 
 def test_login_page_then_frontend(web_server, web_keys, web_config):

@@ -102,3 +102,17 @@ def test_size_caps(acme, web_config):
     assert 413 in statuses and statuses.index(413) == statuses.count(200)  # the file count cap
     for i in range(3):
         acme.delete(f"/api/userdata/fill%2F{i}.bin")
+
+
+def test_user_files_never_run_as_pages(web_server, web_keys):
+    """A user file named .html or .svg is stored, but served as bytes: no upload runs as a page
+    (with the session cookie) on the platform's origin."""
+    initech = browser_client(web_server, web_keys["initech"])  # its user-file quota untouched
+    page = b"<html><script>fetch('/api/settings')</script></html>"
+    for name in ("page.html", "logo.svg", "tool.js"):
+        assert initech.post(f"/api/userdata/files%2F{name}", content=page).status_code == 200
+        got = initech.get(f"/api/userdata/files%2F{name}")
+        assert got.content == page and got.headers["content-type"] == "application/octet-stream", name
+        assert got.headers["x-content-type-options"] == "nosniff"
+    assert initech.post("/api/userdata/files%2Fa.json", content=b"{}").status_code == 200
+    assert initech.get("/api/userdata/files%2Fa.json").headers["content-type"] == "application/json"

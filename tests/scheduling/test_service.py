@@ -9,8 +9,17 @@ from datetime import timedelta
 import pytest
 
 from zimage_platform.db import create_db_engine, utcnow
-from zimage_platform.scheduling.service import QueueFull, SchedulerService
-from zimage_platform.scheduling.store import IdempotencyConflict, JobStore, NewJob, StoredImage
+from zimage_platform.scheduling.models import BatchRow
+from zimage_platform.scheduling.service import AdmissionLimit, QueueFull, SchedulerService, TenantQueueShare
+from zimage_platform.scheduling.store import (
+    BatchExists,
+    IdempotencyConflict,
+    JobNotFound,
+    JobStore,
+    NewJob,
+    StoredImage,
+    new_id,
+)
 from zimage_platform.serve.runner import EngineRunner, LocalEngineClient
 from zimage_platform.storage.results import ResultStore
 
@@ -166,7 +175,8 @@ def test_recovery_requeues_lost_work_without_redoing_stored_images(make_schedule
 
 
 def test_queue_bound_rejects_before_writing_and_deadlines_fail_jobs(make_scheduler, config):
-    pools = {"cpu": config.pools["cpu"].model_copy(update={"queue_bound": {"realtime": 1, "standard": 2, "bulk": 2}})}
+    bounds = {"queue_bound": {"realtime": 1, "standard": 2, "bulk": 2}, "tenant_share": {"default": 1.0}}
+    pools = {"cpu": config.pools["cpu"].model_copy(update=bounds)}
 
     async def go():
         scheduler = await make_scheduler(capacity=0, pools=pools)  # no engine: nothing drains
@@ -182,6 +192,101 @@ def test_queue_bound_rejects_before_writing_and_deadlines_fail_jobs(make_schedul
     err, done = run(go())
     assert err.code == "queue_full" and err.retry_after_s >= 1
     assert done.status == "failed" and done.error_code == "queue_timeout"
+
+
+def test_one_tenant_cannot_fill_a_class_queue_for_everyone(make_scheduler, config):
+    """Issue 12: a tenant's waiting images may take its share of the class queue (half by default):
+    over it, 429 ``tenant_queue_share`` with Retry-After, while another tenant is still admitted."""
+    pools = {"cpu": config.pools["cpu"].model_copy(update={"queue_bound": {"standard": 4}})}
+
+    async def go():
+        scheduler = await make_scheduler(capacity=0, pools=pools)  # nothing drains
+        await scheduler.submit(job(n=2))  # acme's share: 2 of 4
+        with pytest.raises(TenantQueueShare) as over:
+            await scheduler.submit(job())
+        _, created = await scheduler.submit(job(n=2, tenant="globex"))
+        with pytest.raises(QueueFull) as full:
+            await scheduler.submit(job(tenant="initech"))
+        await scheduler.stop()
+        return over.value, created, full.value
+
+    over, created, full = run(go())
+    assert over.code == "tenant_queue_share" and over.status == 429 and over.retry_after_s >= 1
+    assert "2 images waiting" in over.message and created
+    assert full.code == "queue_full"
+
+
+def _batch(tenant: str = "acme", batch_id: str | None = None) -> BatchRow:
+    return BatchRow(
+        id=batch_id or new_id("batch"),
+        tenant_id=tenant,
+        status="running",
+        total_rows=1,
+        rejected=[],
+        created_at=utcnow(),
+    )
+
+
+def test_a_bulk_batch_is_admitted_like_one_job_and_written_in_one_transaction(make_scheduler, config):
+    """Issue 12: a batch takes one concurrency slot for all its jobs (it no longer skips the cap);
+    a refused batch (cap, queue share) or a duplicate leaves no batch row and no job behind."""
+    pools = {"cpu": config.pools["cpu"].model_copy(update={"queue_bound": {"standard": 16}})}
+
+    async def go():
+        scheduler = await make_scheduler(capacity=0, pools=pools)
+        store = scheduler.store
+        batch = _batch()
+        rows = await scheduler.submit_many(
+            [job(batch_id=batch.id, batch_row=i + 2, max_concurrent_jobs=2) for i in range(3)], batch
+        )
+        slots = [scheduler.tenant_jobs("acme")]
+        with pytest.raises(BatchExists):  # the same batch again: nothing of it is written twice
+            await scheduler.submit_many([job(batch_id=batch.id, batch_row=9)], _batch(batch_id=batch.id))
+        await scheduler.submit(job(max_concurrent_jobs=2))
+        slots.append(scheduler.tenant_jobs("acme"))
+        refused = {}
+        capped = _batch()
+        with pytest.raises(AdmissionLimit) as refused["cap"]:
+            await scheduler.submit_many([job(batch_id=capped.id, max_concurrent_jobs=2)], capped)
+        too_big = _batch("globex")
+        with pytest.raises(TenantQueueShare) as refused["share"]:  # 9 images; globex's share is 8 of 16
+            await scheduler.submit_many([job(n=9, tenant="globex", batch_id=too_big.id)], too_big)
+        for row in rows:
+            await scheduler.cancel(row.id, "acme")
+        slots.append(scheduler.tenant_jobs("acme"))
+        written = await asyncio.to_thread(store.batch_jobs, batch.id)
+        gone = []
+        for b in (capped, too_big):
+            with pytest.raises(JobNotFound):
+                await asyncio.to_thread(store.get_batch, b.id, b.tenant_id)
+            gone.append(await asyncio.to_thread(store.batch_jobs, b.id))
+        await scheduler.stop()
+        return slots, refused, written, gone
+
+    slots, refused, written, gone = run(go())
+    assert slots == [1, 2, 1]  # the batch's 3 jobs hold one slot, released when they end
+    assert refused["cap"].value.code == "concurrency_limit" and refused["share"].value.code == "tenant_queue_share"
+    assert [j.batch_row for j in written] == [2, 3, 4]
+    assert gone == [[], []]
+
+
+def test_submit_and_wait_reports_admission_before_it_waits(make_scheduler):
+    """The synchronous path tells its caller once the job is written and queued, so the ingress
+    can let the class's next submission in while this one waits for its images."""
+
+    async def go():
+        scheduler = await make_scheduler(capacity=0)
+        admitted = asyncio.Event()
+        waiting = asyncio.create_task(scheduler.submit_and_wait(job(), 60, on_admitted=admitted.set))
+        await asyncio.wait_for(admitted.wait(), timeout=10)
+        was_waiting = not waiting.done()
+        scheduler.set_capacity("cpu", "turbo", 1)
+        submitted = await waiting
+        await scheduler.stop()
+        return was_waiting, submitted
+
+    was_waiting, submitted = run(go())
+    assert was_waiting and submitted.row.status == "succeeded"
 
 
 def test_idempotent_submission_queues_once(make_scheduler):
@@ -306,3 +411,113 @@ def test_a_recovered_job_whose_images_are_all_stored_just_finishes(make_schedule
 
     done = run(go())
     assert done.status == "succeeded" and done.images[0].s3_key == "tenants/acme/kept.png"
+
+
+def test_a_requeued_job_whose_images_are_all_done_finishes_when_claimed_again(make_scheduler, database_url):
+    """Issue 12, item 6: this scheduler queued a job; another one ran it, recorded its image and
+    died before finishing it; its lease lapsed and the job is queued again. When this scheduler
+    claims it, there is nothing left to generate: the job must succeed with the stored image,
+    without running anything again (here a re-run would fail: the job would end failed with its
+    image delivered and billed)."""
+    store = JobStore(create_db_engine(database_url))
+    kept = StoredImage(
+        s3_key="tenants/acme/other.png", sha256="ab" * 32, size_bytes=1, timings=[], batch_size=1, engine_s=0
+    )
+
+    async def go():
+        scheduler = await make_scheduler(capacity=0)  # the job waits in this scheduler's queue
+        runs: list[int] = []
+        engines = scheduler.engines
+
+        async def lost_replica(batch, *args, **kwargs):
+            runs.append(len(batch.items))
+            raise RuntimeError("engine replica lost")
+
+        engines.run = lost_replica
+        row, _ = await scheduler.submit(job(n=1))
+        await asyncio.to_thread(store.claim, row.id, "other-scheduler", 0.01)
+        await asyncio.to_thread(store.record_image, row.id, 0, kept)
+        requeued = await asyncio.to_thread(store.requeue_expired, utcnow() + timedelta(seconds=1))
+        assert [r.status for r in requeued] == ["queued"]
+        scheduler.set_capacity("cpu", "turbo", 1)
+        done = await scheduler.wait(row.id, timeout_s=30)
+        await scheduler.stop()
+        return done, runs
+
+    done, runs = run(go())
+    assert done.status == "succeeded" and done.images[0].s3_key == "tenants/acme/other.png"
+    assert runs == []  # nothing generated again
+
+
+def _outage_before(store: JobStore, method: str, postgres_url: str, cuts: list) -> None:
+    """The database at ``postgres_url`` goes away just before ``store.<method>`` is first called."""
+    from services import postgres_outage
+
+    real = getattr(store, method)
+
+    def cut_then_call(*args, **kwargs):
+        if not cuts:
+            cut = postgres_outage(postgres_url)
+            cut.__enter__()
+            cuts.append(cut)
+        return real(*args, **kwargs)
+
+    setattr(store, method, cut_then_call)
+
+
+def _outage_config(config):
+    fast = {"db_retry_s": 0.5, "lease_s": 1.5, "sweep_interval_s": 0.2}
+    return config.model_copy(update={"scheduler": config.scheduler.model_copy(update=fast)})
+
+
+@pytest.mark.parametrize("step", ["claim_many", "finish"])
+def test_a_database_outage_while_claiming_or_finishing_strands_nothing(
+    step, config, postgres_url, results, torch_engine
+):
+    """Issue 12, item 5 (the claim and the finish; the record is tested above): the database goes
+    away just before the scheduler leases a batch's jobs, or just before it finishes a recovered
+    job whose image is already stored. After the retries give up, the job is let go (the tenant's
+    concurrency released); a batch that cannot be leased goes back to the queue (the job is
+    still queued in the database: nothing to recover). Once the database answers, the job runs,
+    or finishes, all the same."""
+    from zimage_platform.db import upgrade
+
+    engine = create_db_engine(postgres_url)
+    upgrade(engine)
+    store = JobStore(engine)
+    tenant = f"outage-{step}"
+    kept = StoredImage(
+        s3_key="tenants/x/kept.png", sha256="ab" * 32, size_bytes=1, timings=[], batch_size=1, engine_s=0
+    )
+    cuts: list = []
+
+    async def go():
+        scheduler = SchedulerService(
+            _outage_config(config), store, LocalEngineClient({("cpu", "turbo"): EngineRunner(torch_engine, results)})
+        )
+        if step == "claim_many":
+            await scheduler.start()
+            row, _ = await scheduler.submit(job(tenant=tenant))
+        else:  # a job another scheduler stored the image of, then died: recovery only has to finish it
+            row, _ = await asyncio.to_thread(store.create, job(tenant=tenant))
+            await asyncio.to_thread(store.claim, row.id, "crashed-scheduler", 0.01)
+            await asyncio.to_thread(store.record_image, row.id, 0, kept)
+            await asyncio.sleep(0.05)
+        _outage_before(store, step, postgres_url, cuts)
+        scheduler.set_capacity("cpu", "turbo", 1)
+        if step == "finish":
+            await scheduler.start()
+        await asyncio.sleep(1.5)  # the retries (db_retry_s) give up meanwhile
+        held = scheduler.tenant_jobs(tenant)
+        cuts[0].__exit__(None, None, None)
+        done = await scheduler.wait(row.id, timeout_s=30)
+        await scheduler.stop()
+        return held, done
+
+    held, done = run(go())
+    assert cuts and done.status == "succeeded"
+    if step == "claim_many":  # still waiting in this scheduler's queue, run once the database is back
+        assert held == 1 and done.attempts == 1
+    else:  # let go for recovery, then finished without generating anything
+        assert held == 0 and done.images[0].s3_key == "tenants/x/kept.png"
+    engine.dispose()

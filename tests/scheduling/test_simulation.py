@@ -86,9 +86,25 @@ def test_every_request_is_admitted_or_refused_and_every_admitted_one_is_accounte
         assert c["requests"] == c["admitted"] + c["rejected_total"], cls
         assert c["admitted"] == c["completed"] + c["timed_out"] + c["unfinished"], cls
         assert c["images_done"] <= c["images_admitted"], cls
-    # The promotion overloads the deployed minimums: the realtime queue bound (64) turns into 429s.
-    assert result.classes["realtime"]["rejected"]["queue_full"] > 0
-    assert result.classes["realtime"]["peak_queue"] == 64
+    # The promotion overloads the deployed minimums: the storefront (the one realtime tenant) fills
+    # its share of the realtime queue (half of the bound of 64), and the excess turns into 429s.
+    assert result.classes["realtime"]["rejected"]["tenant_queue_share"] > 0
+    assert result.classes["realtime"]["peak_queue"] == 32
+
+
+def test_one_tenant_flooding_a_class_queue_leaves_room_for_the_others(h800: PlatformConfig):
+    """The live service's admission in simulated time: the flood is held to its share of the
+    realtime queue (``tenant_queue_share``); the other realtime tenant is never turned away."""
+    config = one_pool(h800, queue_bound={"realtime": 10, "standard": 10, "bulk": 10})
+    streams = [
+        {"name": "flood", "tenant": "big", "priority_class": "realtime", "rate_per_s": 3.0},
+        {"name": "trickle", "tenant": "small", "priority_class": "realtime", "rate_per_s": 0.1},
+    ]
+    result = simulate(config, profile(streams=streams), load_latency(LATENCY, h800))
+    rt = result.classes["realtime"]
+    assert rt["rejected"]["tenant_queue_share"] > 0.3 * rt["requests"]
+    assert "queue_full" not in rt["rejected"]  # the flood alone never fills the class queue
+    assert rt["peak_queue"] < 10  # the flood holds at most 5 places (half of 10); the rest stay free
 
 
 def test_strict_priority_shows_in_the_latencies(h800: PlatformConfig):
@@ -100,7 +116,7 @@ def test_strict_priority_shows_in_the_latencies(h800: PlatformConfig):
 
 
 def test_queue_bounds_answer_429_and_admit_nothing_over_them(h800: PlatformConfig):
-    config = one_pool(h800, queue_bound={"realtime": 5, "standard": 5, "bulk": 5})
+    config = one_pool(h800, queue_bound={"realtime": 5, "standard": 5, "bulk": 5}, tenant_share={"default": 1.0})
     load = profile(streams=[{"name": "rt", "tenant": "t", "priority_class": "realtime", "rate_per_s": 2.0}])
     result = simulate(config, load, load_latency(LATENCY, h800))
     rt = result.classes["realtime"]

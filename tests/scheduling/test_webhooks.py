@@ -1,30 +1,23 @@
-"""Webhooks: Standard Webhooks signatures, delivery with retries against a real HTTP receiver, throttling."""
+"""Webhooks: Standard Webhooks signatures, one attempt against a real HTTP receiver, the retry policy, throttling."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import json
-import socket
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import pytest
-import uvicorn
 from standardwebhooks import Webhook, WebhookVerificationError
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
 
+from webhook_receiver import Receiver, Step
 from zimage_platform.errors import InvalidRequest
 from zimage_platform.scheduling.webhooks import (
-    DeliveryResult,
-    MemoryOutbox,
+    Attempt,
     ProgressThrottle,
+    RetryPolicy,
     WebhookEvent,
     WebhookSender,
     generate_secret,
@@ -37,100 +30,29 @@ from zimage_platform.storage.seaweedfs import free_ports
 SECRET = generate_secret()
 
 
-@dataclass(frozen=True)
-class Step:
-    """One scripted answer of the receiver."""
-
-    status: int = 200
-    delay_s: float = 0.0
-    headers: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass
-class Call:
-    path: str
-    headers: dict[str, str]
-    body: bytes
-    verified: bool
-    at: float
-
-
-class Receiver:
-    """A webhook receiver that verifies every request like a tenant's would, and answers from a script."""
-
-    def __init__(self) -> None:
-        self.calls: list[Call] = []
-        self.scripts: dict[str, list[Step]] = {}
-        self.app = Starlette(routes=[Route("/{name}", self.handle, methods=["POST"])])
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.base_url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        config = uvicorn.Config(self.app, log_level="warning", lifespan="off", access_log=False)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def url(self, name: str, *steps: Step) -> str:
-        self.scripts[name] = list(steps) or [Step()]
-        return f"{self.base_url}/{name}"
-
-    def calls_to(self, name: str) -> list[Call]:
-        return [call for call in self.calls if call.path == f"/{name}"]
-
-    async def handle(self, request: Request) -> Response:
-        body = await request.body()
-        headers = dict(request.headers)
-        try:
-            Webhook(SECRET).verify(body, headers)
-            verified = True
-        except WebhookVerificationError:
-            verified = False
-        name = request.path_params["name"]
-        self.calls.append(Call(request.url.path, headers, body, verified, time.monotonic()))
-        script = self.scripts.get(name, [Step(404)])
-        step = script[min(len(self.calls_to(name)), len(script)) - 1]
-        if step.delay_s:
-            await asyncio.sleep(step.delay_s)
-        return Response(status_code=step.status, headers=step.headers)
-
-    def start(self) -> Receiver:
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("webhook receiver did not start")
-            time.sleep(0.01)
-        return self
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
-        self.sock.close()
-
-
 @pytest.fixture(scope="module")
 def receiver_server() -> Iterator[Receiver]:
-    server = Receiver().start()
+    server = Receiver(SECRET).start()
     yield server
     server.stop()
 
 
 @pytest.fixture
 def receiver(receiver_server: Receiver) -> Receiver:
-    receiver_server.calls.clear()
-    receiver_server.scripts.clear()
-    return receiver_server
+    return receiver_server.reset()
 
 
 def event(type_: str = "job.succeeded", **data: object) -> WebhookEvent:
     return WebhookEvent(type=type_, job_id="job_1", tenant_id="acme", data=dict(data))
 
 
-def deliver(url: str, ev: WebhookEvent, outbox: MemoryOutbox | None = None, **options: object) -> DeliveryResult:
-    settings: dict = {"allow_private": True, "backoff_s": 0.001, "timeout_s": 2.0, "max_attempts": 5, **options}
+def attempt(url: str, ev: WebhookEvent, **options: object) -> Attempt:
+    """One attempt by a sender like production's (loopback allowed unless ``allow_private=False``)."""
+    settings: dict = {"allow_private": True, "timeout_s": 2.0, **options}
 
-    async def run() -> DeliveryResult:
-        async with WebhookSender(outbox=outbox, **settings) as sender:
-            return await sender.deliver(url, SECRET, ev)
+    async def run() -> Attempt:
+        async with WebhookSender(**settings) as sender:
+            return await sender.attempt(url, SECRET, ev)
 
     return asyncio.run(run())
 
@@ -196,112 +118,105 @@ def test_rotation_signs_with_every_secret() -> None:
         Webhook(secret).verify(ev.payload(), headers)
 
 
-# -- delivery -----------------------------------------------------------------------------------
+# -- one attempt ---------------------------------------------------------------------------------
 
 
 def test_delivered_and_verified(receiver: Receiver) -> None:
-    outbox = MemoryOutbox()
     ev = event(images=["s3://results/a.png"])
-    result = deliver(receiver.url("ok"), ev, outbox)
-    assert result == DeliveryResult(delivered=True, attempts=1, status_code=200)
+    result = attempt(receiver.url("ok"), ev)
+    assert result == Attempt(200, None) and result.delivered and not result.retryable
     (call,) = receiver.calls_to("ok")
     assert call.verified and call.body == ev.payload()
     assert call.headers["content-type"] == "application/json"
     assert json.loads(call.body)["type"] == "job.succeeded"
-    assert outbox.delivered == {ev.id} and not outbox.failed
-
-
-def test_retries_keep_the_webhook_id(receiver: Receiver) -> None:
-    outbox = MemoryOutbox()
-    ev = event()
-    result = deliver(receiver.url("flaky", Step(500), Step(502), Step(200)), ev, outbox)
-    assert result.delivered and result.attempts == 3
-    calls = receiver.calls_to("flaky")
-    assert [c.headers["webhook-id"] for c in calls] == [ev.id] * 3
-    assert all(c.verified for c in calls)
-    assert [a.status_code for a in outbox.attempts[ev.id]] == [500, 502, 200]
-    assert outbox.delivered == {ev.id}
 
 
 @pytest.mark.parametrize("status", [400, 401, 404, 410, 422])
 def test_other_4xx_is_permanent(receiver: Receiver, status: int) -> None:
-    outbox = MemoryOutbox()
-    ev = event()
-    result = deliver(receiver.url("gone", Step(status), Step(200)), ev, outbox)
-    assert not result.delivered and result.attempts == 1 and result.status_code == status
-    assert len(receiver.calls_to("gone")) == 1
-    assert outbox.failed == {ev.id: f"HTTP {status}"}
+    result = attempt(receiver.url("gone", Step(status)), event())
+    assert result == Attempt(status, "http_status") and not result.retryable
 
 
 def test_redirects_are_not_followed(receiver: Receiver) -> None:
     """A redirect could point past the SSRF check, so it counts as a refusal."""
     receiver.url("target")
     url = receiver.url("moved", Step(307, headers={"location": f"{receiver.base_url}/target"}))
-    result = deliver(url, event())
-    assert not result.delivered and result.attempts == 1 and result.status_code == 307
+    result = attempt(url, event())
+    assert result.status_code == 307 and not result.delivered and not result.retryable
     assert receiver.calls_to("target") == []
 
 
-@pytest.mark.parametrize("status", [408, 429, 503])
+@pytest.mark.parametrize("status", [408, 429, 500, 503])
 def test_retryable_statuses(receiver: Receiver, status: int) -> None:
-    result = deliver(receiver.url("busy", Step(status), Step(200)), event())
-    assert result.delivered and result.attempts == 2
+    result = attempt(receiver.url("busy", Step(status)), event())
+    assert result.status_code == status and result.retryable
 
 
-def test_retry_after_is_honoured_up_to_the_cap(receiver: Receiver) -> None:
-    url = receiver.url("slow-down", Step(429, headers={"retry-after": "30"}), Step(200))
-    result = deliver(url, event(), max_retry_after_s=0.3)
-    assert result.delivered and result.attempts == 2
-    first, second = receiver.calls_to("slow-down")
-    # Backoff alone is ~1 ms: the wait came from Retry-After, clamped to 0.3 s rather than 30 s.
-    assert 0.3 <= second.at - first.at < 2.0
+def test_retry_after_is_read(receiver: Receiver) -> None:
+    result = attempt(receiver.url("slow-down", Step(429, headers={"retry-after": "30"})), event())
+    assert result.retry_after_s == 30.0 and result.retryable
 
 
-def test_timeout_is_retried(receiver: Receiver) -> None:
-    outbox = MemoryOutbox()
-    ev = event()
-    result = deliver(receiver.url("stuck", Step(200, delay_s=1.0), Step(200)), ev, outbox, timeout_s=0.2)
-    assert result.delivered and result.attempts == 2
-    first, second = outbox.attempts[ev.id]
-    assert first.status_code is None and "timed out" in (first.error or "")
-    assert second.status_code == 200
+def test_a_slow_receiver_times_out_at_the_deadline(receiver: Receiver) -> None:
+    started = time.monotonic()
+    result = attempt(receiver.url("stuck", Step(200, delay_s=2.0)), event(), timeout_s=0.2)
+    assert result == Attempt(None, "timeout") and result.retryable
+    assert time.monotonic() - started < 1.5
 
 
-def test_attempts_run_out(receiver: Receiver) -> None:
-    outbox = MemoryOutbox()
-    ev = event()
-    result = deliver(receiver.url("down", Step(500)), ev, outbox, max_attempts=4)
-    assert not result.delivered and result.attempts == 4 and result.status_code == 500
-    assert len(receiver.calls_to("down")) == 4
-    assert outbox.failed == {ev.id: "HTTP 500"}
-
-
-def test_connection_refused_is_retried() -> None:
+def test_connection_refused_is_a_reason_code_not_exception_text() -> None:
     (port,) = free_ports(1)  # nothing listens there
-    outbox = MemoryOutbox()
-    ev = event()
-    result = deliver(f"http://127.0.0.1:{port}/hook", ev, outbox, max_attempts=3)
-    assert not result.delivered and result.attempts == 3 and result.status_code is None
-    assert "ConnectError" in (result.error or "")
-    assert len(outbox.attempts[ev.id]) == 3 and ev.id in outbox.failed
+    result = attempt(f"http://127.0.0.1:{port}/hook", event())
+    assert result == Attempt(None, "connect_failed") and result.retryable
 
 
 def test_sender_refuses_private_targets_in_production_mode(receiver: Receiver) -> None:
-    outbox = MemoryOutbox()
-    ev = event()
-    result = deliver(receiver.url("ok"), ev, outbox, allow_private=False)
-    assert not result.delivered and result.attempts == 0
-    assert (result.error or "").startswith("webhook_url_invalid")
-    assert receiver.calls == [] and ev.id in outbox.failed
+    result = attempt(receiver.url("ok"), event(), allow_private=False)
+    assert result == Attempt(None, "not_public") and not result.retryable
+    assert receiver.calls == []
+
+
+def test_a_webhook_host_rebound_to_loopback_never_reaches_loopback(receiver: Receiver, dns, connects) -> None:
+    """Checked as public, then answering 127.0.0.1 (DNS rebinding): every attempt connects to an
+    address from the one resolution it checked, so none reaches the loopback receiver."""
+    answers, lookups = dns
+    answers["hooks.rebind.test"] = ["93.184.216.34", "93.184.216.34", "127.0.0.1"]
+    port = int(receiver.base_url.rsplit(":", 1)[1])
+    url = f"http://hooks.rebind.test:{port}/ok"
+    receiver.url("ok")
+    validate_webhook_url(url)  # accepted at submission: public then
+    for _ in range(3):  # the retries resolve again, and must check again
+        result = attempt(url, event(), allow_private=False)
+        assert result.reason in ("connect_failed", "not_public") and not result.delivered
+    assert receiver.calls == []
+    # The first attempt went to the address it checked (the public one); the later ones were
+    # refused on their own resolution before connecting anywhere.
+    assert connects == [("93.184.216.34", port)] and len(lookups) == 4
+
+
+# -- retry policy --------------------------------------------------------------------------------
 
 
 def test_backoff_grows_and_is_capped() -> None:
-    sender = WebhookSender(backoff_s=0.5, max_backoff_s=4.0, jitter=0.0)
-    assert [sender.backoff(n) for n in range(1, 7)] == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
-    jittery = WebhookSender(backoff_s=1.0, jitter=0.2)
+    policy = RetryPolicy(backoff_s=0.5, max_backoff_s=4.0, jitter=0.0)
+    assert [policy.backoff(n) for n in range(1, 7)] == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
+    jittery = RetryPolicy(backoff_s=1.0, jitter=0.2)
     assert all(0.8 <= jittery.backoff(1) <= 1.2 for _ in range(50))
-    assert sender.backoff(1, retry_after=3.0) == 3.0
-    assert sender.backoff(1, retry_after=1000.0) == 60.0  # max_retry_after_s
+    assert policy.backoff(1, retry_after=3.0) == 3.0
+    assert policy.backoff(1, retry_after=1000.0) == 4.0  # Retry-After is honoured up to the cap
+
+
+def test_next_attempt_until_the_maximum_age() -> None:
+    policy = RetryPolicy(backoff_s=10.0, jitter=0.0)
+    now = datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC)
+    later = now + timedelta(hours=1)
+    assert policy.next_attempt_at(Attempt(503, "http_status"), 1, now, later) == now + timedelta(seconds=10)
+    assert policy.next_attempt_at(Attempt(None, "timeout"), 2, now, later) == now + timedelta(seconds=20)
+    # Past the deadline, or a refusal a retry cannot fix: no next attempt (a dead letter).
+    assert policy.next_attempt_at(Attempt(503, "http_status"), 1, now, now + timedelta(seconds=5)) is None
+    assert policy.next_attempt_at(Attempt(404, "http_status"), 1, now, later) is None
+    assert policy.next_attempt_at(Attempt(None, "not_public"), 1, now, later) is None
+    assert policy.next_attempt_at(Attempt(None, "unresolvable"), 1, now, later) is not None
 
 
 def test_parse_retry_after() -> None:

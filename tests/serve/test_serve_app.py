@@ -82,6 +82,38 @@ def test_async_job_with_sse_over_real_http(serve_app, serve_keys):
     assert other.status_code == 404
 
 
+async def test_typed_errors_cross_the_scheduler_handle_as_themselves(serve_app, serve_config):
+    """The scheduler deployment's expected errors reach the ingress as their own classes
+    (JobNotFound, not a bare PlatformError), so its ``except JobNotFound`` handlers work."""
+    from ray import serve
+
+    from zimage_platform.scheduling.store import JobNotFound
+    from zimage_platform.serve.deployments import RaySchedulerClient
+
+    handle = serve.get_deployment_handle("Scheduler", app_name=serve_config.serve.app_name)
+    with pytest.raises(JobNotFound) as raised:
+        await RaySchedulerClient(handle).cancel("job_that_does_not_exist", "acme")
+    assert type(raised.value) is JobNotFound and raised.value.param == "job_id"
+
+
+def test_a_bulk_batch_and_an_idempotent_replay_over_ray(serve_app, serve_keys):
+    """The batch row travels to the scheduler deployment with its jobs (one transaction there);
+    a replay with the same Idempotency-Key answers the same batch, and it completes."""
+    headers = {"Authorization": f"Bearer {serve_keys['acme']}", "Idempotency-Key": "serve-batch-1"}
+    files = {"file": ("rows.csv", b"product\nmug\ncup\n", "text/csv")}
+    request = {"request": json.dumps({"template": "a {product}", "defaults": {"size": "64x64", "steps": 2}})}
+    first = httpx.post(f"{serve_app}/v1/batches", files=files, data=request, headers=headers, timeout=60)
+    again = httpx.post(f"{serve_app}/v1/batches", files=files, data=request, headers=headers, timeout=60)
+    assert first.status_code == 202 and again.status_code == 200, again.text
+    batch = again.json()
+    assert batch["id"] == first.json()["id"] and batch["total_rows"] == 2
+    deadline = time.monotonic() + 120
+    while batch["status"] != "completed" and time.monotonic() < deadline:
+        time.sleep(0.5)
+        batch = httpx.get(f"{serve_app}/v1/batches/{batch['id']}", headers=headers).json()
+    assert batch["counts"]["succeeded"] == 2
+
+
 def test_the_ray_cli_runs_the_same_builder_from_a_serve_config(
     serve_app, serve_config, serve_keys, ray_cluster, tmp_path
 ):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from sqlalchemy import update
+from sqlalchemy import delete, update
 from typer.testing import CliRunner
 
 from zimage_platform.cli import app
@@ -121,3 +121,19 @@ def test_tampering_with_the_audit_log_is_detected(cfg_file: Path):
     assert findings == ["row 2: content does not match its hash (altered)"]
     code, _, stderr = cli(cfg_file, "tenants", "audit")
     assert code == 1 and "altered" in stderr
+
+
+def test_a_cut_tail_of_the_audit_log_is_detected(cfg_file: Path):
+    """Deleting the last events breaks no hash: verify() compares the log's end with its head."""
+    for name in ("b1", "b2", "b3"):
+        cli(cfg_file, "tenants", "add", name, "--name", name)
+    store = job_store(load_config(cfg_file))
+    last = AuditLog(store.engine).events(limit=1)[0].seq
+    with store.session() as s, s.begin():
+        s.execute(delete(AuditEventRow).where(AuditEventRow.seq >= last - 1))
+    findings = AuditLog(store.engine).verify()
+    assert findings == [
+        f"rows {last - 1}..{last} missing at the end of the chain (its head is at row {last}) (chain_tail_missing)"
+    ]
+    code, _, stderr = cli(cfg_file, "tenants", "audit")
+    assert code == 1 and "chain_tail_missing" in stderr

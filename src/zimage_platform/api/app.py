@@ -9,6 +9,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from zimage_platform import __version__
 from zimage_platform.api.batches.api_router import router as batches_router
+from zimage_platform.api.comfy.api_router import ComfyKeyPrefix
 from zimage_platform.api.comfy.api_router import install as install_comfy
 from zimage_platform.api.errors import error_body, install_error_handlers
 from zimage_platform.api.frontend.api_router import install as install_frontend
@@ -19,6 +20,7 @@ from zimage_platform.api.models.api_router import router as models_router
 from zimage_platform.api.services import PlatformServices
 from zimage_platform.api.usage.api_router import router as usage_router
 from zimage_platform.api.userdata.api_router import install as install_userdata
+from zimage_platform.api.webhooks.api_router import router as webhooks_router
 from zimage_platform.api.workflows.api_router import router as workflows_router
 from zimage_platform.telemetry.context import RequestTrace
 from zimage_platform.telemetry.metrics import metrics
@@ -115,12 +117,14 @@ def create_api(services: PlatformServices) -> FastAPI:
         workflows_router,
         models_router,
         usage_router,
+        webhooks_router,
         health_router,
     ):
         app.include_router(router)
     app.add_middleware(BodyLimit, max_bytes=services.config.limits.max_body_bytes)
-    instrument_app(app, configure_tracing(services.config.telemetry, "ingress"))
-    install_comfy(app)  # last: its /comfy/<key>/ path rewrite runs before every other middleware
+    # The /comfy/<key>/ rewrite runs first of all, outside the tracing middleware: no span sees the key.
+    instrument_app(app, configure_tracing(services.config.telemetry, "ingress"), before=[ComfyKeyPrefix])
+    install_comfy(app)
     install_userdata(app)
     install_frontend(app)  # the login and the ComfyUI frontend's files, after every API route
     return app

@@ -11,6 +11,11 @@ from zimage_platform.telemetry.context import RequestTrace
 from zimage_platform.telemetry.tracing import span
 from zimage_platform.tenancy import TenantSpec
 
+#: The largest integer a query parameter may carry into SQL: PostgreSQL's INTEGER (32 bits) is the
+#: narrowest column one is compared with. Larger ones are a 422 naming the bound, not an overflow
+#: inside the database driver (a 500).
+MAX_QUERY_INT = 2**31 - 1
+
 
 def services(request: Request) -> PlatformServices:
     return request.app.state.services
@@ -37,7 +42,9 @@ def tenant(
 
 
 def admit(request: Request, found: TenantSpec) -> TenantSpec:
-    """Count an authenticated request against its tenant's request rate (429 over it)."""
+    """Count an authenticated request against its tenant's request rate (429 over it). A plain
+    function, like :func:`tenant`: FastAPI runs it in a worker thread, so a Redis round trip
+    (bounded by ``tenancy.redis_timeout_s``) never blocks the event loop."""
     services: PlatformServices = request.app.state.services
     request.state.tenant_id = found.id
     with span("rate_limit", tenant=found.id, backend=services.rate_limiter.backend):

@@ -54,7 +54,15 @@ def platform_error_response(exc: PlatformError) -> JSONResponse:
     retry_after = getattr(exc, "retry_after_s", None)
     if retry_after is not None:
         headers["Retry-After"] = str(retry_after)
-    return error_response(status, exc.code, exc.message, exc.param, headers=headers, choices=exc.choices)
+    return error_response(
+        status,
+        exc.code,
+        exc.message,
+        exc.param,
+        headers=headers,
+        choices=exc.choices,
+        reason=getattr(exc, "reason", None),
+    )
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import time
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -18,12 +19,13 @@ import httpx
 
 from zimage_platform.api.services import PlatformServices
 from zimage_platform.errors import InvalidRequest, PlatformError
-from zimage_platform.netsafe import IMAGE_URLS
+from zimage_platform.netsafe import IMAGE_URLS, UrlError, failure_reason
 from zimage_platform.pipeline.images import ImageLimits, decode_image
 from zimage_platform.pipeline.params import GenerationParams, resolve_requests
-from zimage_platform.scheduling.models import JobRow
+from zimage_platform.scheduling.client import SchedulerUnavailable
+from zimage_platform.scheduling.models import TERMINAL, BatchRow, JobRow
 from zimage_platform.scheduling.service import Submitted
-from zimage_platform.scheduling.store import NewJob, new_id
+from zimage_platform.scheduling.store import JobNotFound, NewJob, new_id
 from zimage_platform.telemetry.context import RequestTrace
 from zimage_platform.tenancy import TenantSpec
 from zimage_platform.tenancy.policy import PolicyViolation
@@ -51,15 +53,17 @@ async def fetch_image_url(services: PlatformServices, tenant: TenantSpec, url: s
         # Isolation: another tenant's object (or another bucket) is simply not found.
         if bucket != services.results.bucket or not key.startswith(prefix):
             raise InvalidRequest(f"no object {url}", code="image_url_not_found", param="image_url")
-        return services.results.get_bytes(key)
-    await IMAGE_URLS.validate_async(url, allow_private=limits.allow_private_urls)
+        return await asyncio.to_thread(services.results.get_bytes, key)
+    IMAGE_URLS.parse(url)  # scheme, host, credentials; the address is checked as it connects
     try:
-        async with services.http.stream("GET", url, timeout=15.0, follow_redirects=False) as response:
+        # services.http is IMAGE_URLS.client(): it connects only to an address it has checked.
+        async with services.http.stream("GET", url, timeout=15.0) as response:
             if response.status_code != 200:
-                raise InvalidRequest(
-                    f"fetching {url} answered HTTP {response.status_code}",
+                raise UrlError(
+                    f"fetching the image URL answered HTTP {response.status_code}",
                     code="image_url_unreachable",
                     param="image_url",
+                    reason="http_status",
                 )
             declared = int(response.headers.get("content-length") or 0)
             if declared > limits.max_input_image_bytes:
@@ -73,7 +77,11 @@ async def fetch_image_url(services: PlatformServices, tenant: TenantSpec, url: s
                     )
             return bytes(data)
     except httpx.HTTPError as exc:
-        raise InvalidRequest(f"cannot fetch {url}: {exc}", code="image_url_unreachable", param="image_url") from exc
+        # The reason code only: the target's exception text is no business of the caller's.
+        reason = failure_reason(exc)
+        raise UrlError(
+            f"could not fetch the image URL ({reason})", code="image_url_unreachable", param="image_url", reason=reason
+        ) from exc
 
 
 def store_input_image(services: PlatformServices, tenant: TenantSpec, data: bytes, *, param: str = "image"):
@@ -107,10 +115,12 @@ def prepare_job(
     idempotency_key: str | None = None,
     body_hash: str | None = None,
     webhook_url: str | None = None,
+    webhook_checked: bool = False,
     batch_id: str | None = None,
     batch_row: int | None = None,
 ) -> NewJob:
-    """Validate everything now (nothing invalid is ever queued) and describe the job to write."""
+    """Validate everything now (nothing invalid is ever queued) and describe the job to write.
+    ``webhook_checked``: the caller validated ``webhook_url`` already (a bulk batch, once for all rows)."""
     config = services.config
     spec = config.variant(variant)
     if tenant.limits.allowed_variants and variant not in tenant.limits.allowed_variants:
@@ -151,7 +161,7 @@ def prepare_job(
                 trace_id=trace.trace_id,
             )
             raise PolicyViolation(f"the request was blocked by content policy rule {hit.rule_id}", param=param)
-    if webhook_url is not None:
+    if webhook_url is not None and not webhook_checked:
         from zimage_platform.scheduling.webhooks import validate_webhook_url
 
         validate_webhook_url(webhook_url, allow_private=config.webhooks.allow_private)
@@ -200,9 +210,21 @@ async def submit(services: PlatformServices, tenant: TenantSpec, job: NewJob) ->
     spending the tenant's limits again."""
     if job.idempotency_key and (existing := await asyncio.to_thread(services.store.find_idempotent, job)):
         return existing, False
-    services.rate_limiter.check_images(tenant.id, tenant.limits.images_per_minute, len(job.seeds))
+    await services.rate_limiter.acheck_images(tenant.id, tenant.limits.images_per_minute, len(job.seeds))
     async with services.submit_gates.enter(job.priority_class):
-        return await services.scheduler.submit(job)
+        try:
+            return await services.scheduler.submit(job)
+        except SchedulerUnavailable as unavailable:
+            return await _written_before(services, job, unavailable), True
+
+
+async def _written_before(services: PlatformServices, job: NewJob, unavailable: SchedulerUnavailable) -> JobRow:
+    """The job's row if it was written before the scheduler died (then it is accepted: the
+    restarted scheduler re-queues it from the job table); otherwise the 503, safe to resend."""
+    try:
+        return await asyncio.to_thread(services.store.get, job.id, job.tenant_id)
+    except JobNotFound:
+        raise unavailable from None
 
 
 async def submit_and_wait(
@@ -210,12 +232,47 @@ async def submit_and_wait(
 ) -> Submitted:
     """:func:`submit` for the synchronous APIs, in one call to the scheduler: the job comes back
     finished (no read of the job store), with its PNGs when ``inline``. A replayed
-    Idempotency-Key waits for the earlier job (its PNGs are then read from S3)."""
+    Idempotency-Key waits for the earlier job (its PNGs are then read from S3). The class's
+    submit gate is held only until the job is admitted, not while its images are made."""
     replay = job.idempotency_key and await asyncio.to_thread(services.store.find_idempotent, job)
     if not replay:
-        services.rate_limiter.check_images(tenant.id, tenant.limits.images_per_minute, len(job.seeds))
-    async with services.submit_gates.enter(job.priority_class):
-        return await services.scheduler.submit_and_wait(job, services.config.limits.sync_timeout_s, inline=inline)
+        await services.rate_limiter.acheck_images(tenant.id, tenant.limits.images_per_minute, len(job.seeds))
+    wait_s = services.config.limits.sync_timeout_s
+    deadline = time.monotonic() + wait_s
+    async with services.submit_gates.enter(job.priority_class) as leave:
+        try:
+            return await services.scheduler.submit_and_wait(job, wait_s, inline=inline, on_admitted=leave)
+        except SchedulerUnavailable as unavailable:
+            await _written_before(services, job, unavailable)
+    return await _follow_after_restart(services, job.id, deadline)
+
+
+async def _follow_after_restart(services: PlatformServices, job_id: str, deadline: float) -> Submitted:
+    """An accepted synchronous job whose scheduler died while the caller waited: the restarted
+    scheduler re-queues it from the job table, so wait on it there (retrying while Serve brings
+    the scheduler back) and answer as usual; the PNGs are then read from S3. Short waits, then a
+    read of the row: the job may finish before a wait on the new scheduler begins."""
+    while True:
+        row = await asyncio.to_thread(services.store.get, job_id)
+        remaining = deadline - time.monotonic()
+        if row.status in TERMINAL or remaining <= 0:
+            return Submitted(row, True, timed_out=row.status not in TERMINAL)
+        try:
+            await services.scheduler.wait(job_id, min(remaining, 2.0))
+        except (TimeoutError, SchedulerUnavailable):
+            await asyncio.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+
+
+async def submit_batch(services: PlatformServices, tenant: TenantSpec, jobs: list[NewJob], batch: BatchRow) -> None:
+    """A bulk batch through the same tenant admission as a job: images per minute (a file with
+    more than a minute's worth spends the whole minute: it is admitted when the tenant's window
+    is empty), then the scheduler's (queue bound and the tenant's share of it, one concurrency
+    slot, quota), which writes the batch and its jobs in one transaction, or nothing."""
+    per_minute = tenant.limits.images_per_minute
+    images = sum(len(job.seeds) for job in jobs)
+    await services.rate_limiter.acheck_images(tenant.id, per_minute, min(images, per_minute))
+    async with services.submit_gates.enter(jobs[0].priority_class):
+        await services.scheduler.submit_many(jobs, batch)
 
 
 def job_view(services: PlatformServices, row: JobRow, *, presign: bool = True) -> dict[str, Any]:

@@ -100,7 +100,8 @@ async def prepare_jobs(
             if job.image is not None:
                 job.params.image, input_key = await _input_image(services, tenant, store, job)
             prepared.append(
-                prepare_job(
+                await asyncio.to_thread(  # the content policy may write an audit row
+                    prepare_job,
                     services,
                     tenant,
                     job.variant,

@@ -6,6 +6,9 @@ kind finance can act on:
 
 - ``row_altered``: a ledger row's content no longer matches its hash;
 - ``row_missing_from_chain``: a gap or break in a tenant's chain (a row was deleted or inserted);
+- ``chain_tail_missing``: the chain stops short of its head (its last rows were deleted);
+- ``chain_head_mismatch``: the chain's last row is not its head (rows rewritten or appended
+  around the chain head);
 - ``object_missing``: the billed image is not in S3;
 - ``object_altered``: the S3 object's bytes (its server-side SHA-256, or size) are not what was billed;
 - ``delivered_not_billed``: a job image marked done has no ledger row;
@@ -19,16 +22,18 @@ from datetime import date
 
 from sqlalchemy import Engine, select
 
-from zimage_platform.billing.ledger import LedgerEntryRow
+from zimage_platform.billing.ledger import LedgerEntryRow, chain_name
 from zimage_platform.billing.usage import day_range, ledger_rows
 from zimage_platform.db import session_factory
-from zimage_platform.db.chain import GENESIS, link_hash
+from zimage_platform.db.chain import GENESIS, head_mismatch, heads, link_hash
 from zimage_platform.scheduling.models import JobImageRow, JobRow
 from zimage_platform.storage.results import ResultStore, sha256_hex
 
 KINDS = (
     "row_altered",
     "row_missing_from_chain",
+    "chain_tail_missing",
+    "chain_head_mismatch",
     "object_missing",
     "object_altered",
     "delivered_not_billed",
@@ -48,8 +53,8 @@ class Finding:
         return dict(self.__dict__)
 
 
-def verify_chain(rows: list[LedgerEntryRow]) -> list[Finding]:
-    """``rows``: one tenant's whole chain, by sequence."""
+def verify_chain(tenant_id: str, rows: list[LedgerEntryRow], head: tuple[int, str] | None) -> list[Finding]:
+    """``rows``: one tenant's whole chain, by sequence; ``head``: its chain head ``(seq, hash)``."""
     findings: list[Finding] = []
     prev, expected = GENESIS, 1
     for row in rows:
@@ -74,6 +79,8 @@ def verify_chain(rows: list[LedgerEntryRow]) -> list[Finding]:
                 )
             )
         prev, expected = row.hash, row.chain_seq + 1
+    if (mismatch := head_mismatch(expected - 1, prev, head)) is not None:
+        findings.append(Finding(mismatch[0], tenant_id, None, None, mismatch[1]))
     return findings
 
 
@@ -106,15 +113,19 @@ def audit(
     findings: list[Finding] = []
     sessions = session_factory(engine)
     in_range = ledger_rows(engine, tenant_id, start, end)
-    tenants = sorted({r.tenant_id for r in in_range} | ({tenant_id} if tenant_id else set()))
     with sessions() as s:
-        for tenant in tenants:
+        # Every chain with a head is checked: a tenant whose last rows were all cut has none left in range.
+        chain_heads = heads(s, chain_name(tenant_id or ""))
+        tenants = {r.tenant_id for r in in_range} | ({tenant_id} if tenant_id else set())
+        if tenant_id is None:
+            tenants |= {name.removeprefix(chain_name("")) for name in chain_heads}
+        for tenant in sorted(tenants):
             chain = list(
                 s.scalars(
                     select(LedgerEntryRow).where(LedgerEntryRow.tenant_id == tenant).order_by(LedgerEntryRow.chain_seq)
                 )
             )
-            findings += verify_chain(chain)
+            findings += verify_chain(tenant, chain, chain_heads.get(chain_name(tenant)))
     for row in in_range:
         found = check_object(results, row, deep=deep)
         if found:

@@ -4,7 +4,8 @@ Each chain (``audit``, ``ledger:<tenant>``) has a head row holding its last sequ
 and hash. Appending locks the head (``SELECT ... FOR UPDATE`` on PostgreSQL; SQLite serialises
 writers anyway), so concurrent writers on several replicas still produce one unbroken chain.
 A row's hash covers its canonical content and the previous row's hash: changing, removing or
-reordering any row breaks every hash after it.
+reordering any row breaks every hash after it. Removing the *last* rows breaks no hash, so a
+verifier also compares the chain's end with its head (:func:`head_mismatch`).
 """
 
 from __future__ import annotations
@@ -63,3 +64,29 @@ def append_many(session: Session, chain: str, contents: list[Content]) -> list[t
         head.seq, head.hash = seq, link_hash(prev, content(seq) if callable(content) else content)
         links.append((seq, prev, head.hash))
     return links
+
+
+def heads(session: Session, prefix: str) -> dict[str, tuple[int, str]]:
+    """``chain → (seq, hash)`` of every chain whose name starts with ``prefix``."""
+    rows = session.execute(select(ChainHeadRow).where(ChainHeadRow.chain.startswith(prefix, autoescape=True)))
+    return {head.chain: (head.seq, head.hash) for (head,) in rows}
+
+
+def head(session: Session, chain: str) -> tuple[int, str] | None:
+    """``(seq, hash)`` of one chain's head (``None``: nothing was ever appended)."""
+    row = session.get(ChainHeadRow, chain)
+    return (row.seq, row.hash) if row is not None else None
+
+
+def head_mismatch(last_seq: int, last_hash: str, head: tuple[int, str] | None) -> tuple[str, str] | None:
+    """Compare a chain's last row (``0, GENESIS`` for none) with its head: ``(code, detail)`` when
+    they disagree — ``chain_tail_missing`` (rows cut off the end) or ``chain_head_mismatch``
+    (rows rewritten or appended without the head) — else ``None``."""
+    seq, hash_ = head or (0, GENESIS)
+    if last_seq < seq:
+        first = last_seq + 1
+        rows = f"row {seq}" if first == seq else f"rows {first}..{seq}"
+        return "chain_tail_missing", f"{rows} missing at the end of the chain (its head is at row {seq})"
+    if last_seq != seq or last_hash != hash_:
+        return "chain_head_mismatch", f"the chain ends at row {last_seq}, its head is row {seq} with another hash"
+    return None

@@ -5,6 +5,7 @@ from zimage_platform.browser import BrowserSessionRow, UserFileRow
 from zimage_platform.db.chain import ChainHeadRow
 from zimage_platform.scheduling.models import BatchRow, JobImageRow, JobRow, WebhookDeliveryRow
 from zimage_platform.tenancy.audit import AuditEventRow
+from zimage_platform.tenancy.webhook_secrets import WebhookSecretRow
 from zimage_platform.workflows.models import ComfyCounterRow, ComfyFileRow, ComfyPromptRow, WorkflowRow
 
 __all__ = [
@@ -20,5 +21,6 @@ __all__ = [
     "LedgerEntryRow",
     "UserFileRow",
     "WebhookDeliveryRow",
+    "WebhookSecretRow",
     "WorkflowRow",
 ]

@@ -18,6 +18,22 @@ from zimage_platform.errors import InvalidRequest
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP")
 
 
+#: Media type of each accepted format: what an image is served as (never a name's guess).
+MEDIA_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+
+
+def sniff_media_type(data: bytes) -> str | None:
+    """The media type of PNG, JPEG or WebP bytes by their signature (as Pillow identifies
+    them); None for anything else (HTML, SVG, other formats)."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return MEDIA_TYPES["PNG"]
+    if data.startswith(b"\xff\xd8\xff"):
+        return MEDIA_TYPES["JPEG"]
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return MEDIA_TYPES["WEBP"]
+    return None
+
+
 @dataclass(frozen=True)
 class ImageLimits:
     max_bytes: int = 20 * 1024 * 1024

@@ -3,10 +3,14 @@
 Pure and clock-injected, so the live :class:`~zimage_platform.scheduling.service.SchedulerService`
 and the capacity simulator decide exactly alike:
 
-- the class's queue bound (429 ``queue_full``, ``Retry-After`` from the measured drain rate);
+- the class's queue bound (429 ``queue_full``, ``Retry-After`` from the measured drain rate), and
+  one tenant's share of it (429 ``tenant_queue_share``: one tenant cannot fill a class queue and
+  turn every other tenant of the class away);
 - the tenant's concurrency cap (429 ``concurrency_limit``) and monthly image quota
-  (429 ``quota_exceeded``); room is reserved between the check and the job row, so concurrent
-  admissions cannot both take the last slot.
+  (429 ``quota_exceeded``);
+
+room (queue places, concurrency slots, quota) is reserved from the check until the job rows are
+written and queued, so concurrent admissions cannot both take the last place.
 
 Every check is O(1): it runs on every submission.
 """
@@ -33,6 +37,12 @@ class QueueFull(PlatformError):
     def __init__(self, message: str, *, retry_after_s: int) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class TenantQueueShare(QueueFull):
+    """The tenant's waiting images would pass its share of the class queue (``pools.*.tenant_share``)."""
+
+    code = "tenant_queue_share"
 
 
 class AdmissionLimit(PlatformError):
@@ -82,14 +92,29 @@ class Admission:
         self.drain = DrainRate()
         self._reserved_jobs: dict[str, int] = {}
         self._reserved_images: dict[str, int] = {}
+        #: Queue places held by admissions in progress: per class (key ``(class, None)``) and per
+        #: (class, tenant).
+        self._reserved_queue: dict[tuple[str, str | None], int] = {}
 
-    def check_queue(self, priority: str, images: int, now: float) -> None:
-        """429 ``queue_full`` when the class's queue would pass its bound."""
+    def check_queue(self, priority: str, images: int, now: float, tenant_id: str | None = None) -> None:
+        """429 ``tenant_queue_share`` when ``tenant_id``'s waiting images would pass its share of
+        the class's queue, 429 ``queue_full`` when the class's queue would pass its bound."""
         pool_name = self.dispatcher.pool_of(priority)
-        bound = self.pools[pool_name].queue_bound.get(priority)
+        pool = self.pools[pool_name]
+        bound = pool.queue_bound.get(priority)
         if bound is None:
             return
-        depth = self.dispatcher.queues[pool_name].depth(priority)
+        queue = self.dispatcher.queues[pool_name]
+        share = pool.tenant_bound(priority) or bound
+        if tenant_id is not None and share < bound:  # a share of 1: the bound itself answers
+            mine = queue.tenant_depth(priority, tenant_id) + self._reserved_queue.get((priority, tenant_id), 0)
+            if mine + images > share:
+                raise TenantQueueShare(
+                    f"this tenant has {mine} images waiting in the {priority} queue; one tenant may have "
+                    f"{share} of its {bound}",
+                    retry_after_s=self.drain.retry_after(mine + images - share, now),
+                )
+        depth = queue.depth(priority) + self._reserved_queue.get((priority, None), 0)
         if depth + images > bound:
             raise QueueFull(
                 f"the {priority} queue is full ({depth} images waiting, bound {bound})",
@@ -109,8 +134,8 @@ class Admission:
         now: float,
         today: datetime,
     ) -> None:
-        """The tenant's concurrency cap (``running``: its jobs queued or running) and monthly quota
-        (``used``: images this month), then reserve the room; :meth:`release` once the job is written."""
+        """The tenant's concurrency cap (``running``: its slots taken by jobs or bulk batches
+        queued or running) and monthly quota (``used``: images this month)."""
         running += self._reserved_jobs.get(tenant_id, 0)
         if cap is not None and jobs and running + jobs > cap:
             raise AdmissionLimit(
@@ -125,9 +150,36 @@ class Admission:
                 code="quota_exceeded",
                 retry_after_s=int((next_month - today).total_seconds()),
             )
+
+    def admit(
+        self,
+        tenant_id: str,
+        priority: str,
+        *,
+        jobs: int,
+        images: int,
+        running: int,
+        cap: int | None,
+        quota: int | None,
+        used: int,
+        now: float,
+        today: datetime,
+        check_queue: bool = True,
+    ) -> None:
+        """Every check (queue bound and share, concurrency, quota), then reserve the room until
+        :meth:`release` (called once the jobs are written and queued, or refused)."""
+        if check_queue:
+            self.check_queue(priority, images, now, tenant_id)
+        self.check_tenant(
+            tenant_id, running=running, jobs=jobs, images=images, cap=cap, quota=quota, used=used, now=now, today=today
+        )
+        self._add(tenant_id, priority, jobs, images)
+
+    def release(self, tenant_id: str, priority: str, *, jobs: int, images: int) -> None:
+        self._add(tenant_id, priority, -jobs, -images)
+
+    def _add(self, tenant_id: str, priority: str, jobs: int, images: int) -> None:
         self._reserved_jobs[tenant_id] = self._reserved_jobs.get(tenant_id, 0) + jobs
         self._reserved_images[tenant_id] = self._reserved_images.get(tenant_id, 0) + images
-
-    def release(self, tenant_id: str, *, jobs: int, images: int) -> None:
-        self._reserved_jobs[tenant_id] -= jobs
-        self._reserved_images[tenant_id] -= images
+        for key in ((priority, None), (priority, tenant_id)):
+            self._reserved_queue[key] = self._reserved_queue.get(key, 0) + images

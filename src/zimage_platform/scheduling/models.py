@@ -89,7 +89,10 @@ class BatchRow(Base):
     """A bulk submission (CSV / JSONL): its rows become jobs with ``batch_id`` set."""
 
     __tablename__ = "batches"
-    __table_args__ = (Index("ix_batches_tenant_created", "tenant_id", "created_at"),)
+    __table_args__ = (
+        Index("ix_batches_tenant_created", "tenant_id", "created_at"),
+        UniqueConstraint("tenant_id", "idempotency_key", name="uq_batches_tenant_idempotency"),
+    )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(String(64))
@@ -100,15 +103,26 @@ class BatchRow(Base):
     rejected: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
     manifest_key: Mapped[str | None] = mapped_column(Text)
     webhook_url: Mapped[str | None] = mapped_column(Text)
+    #: Same key + same request (template, defaults, file) → the same batch; another request → 409.
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    request_hash: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+#: ``pending`` until a 2xx (``delivered``), or until it cannot be delivered (``dead_letter``:
+#: a permanent refusal, or still failing at its ``give_up_at``); the tenant can redeliver it.
+DELIVERY_STATUSES = ("pending", "delivered", "dead_letter")
 
 
 class WebhookDeliveryRow(Base):
     """The webhook outbox: an event is stored before it is sent, so none is lost on restart."""
 
     __tablename__ = "webhook_deliveries"
-    __table_args__ = (Index("ix_webhook_deliveries_status_next", "status", "next_attempt_at"),)
+    __table_args__ = (
+        Index("ix_webhook_deliveries_status_next", "status", "next_attempt_at"),
+        Index("ix_webhook_deliveries_tenant_status", "tenant_id", "status", "created_at"),
+    )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
@@ -119,7 +133,12 @@ class WebhookDeliveryRow(Base):
     status: Mapped[str] = mapped_column(String(16), default="pending")
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_status_code: Mapped[int | None] = mapped_column(Integer)
+    #: The last attempt's reason code (``http_status``, ``timeout``, ``not_public`` ...), never its text.
     last_error: Mapped[str | None] = mapped_column(Text)
+    #: When the next attempt is due (pending) or, while one is in flight, when its claim lapses.
     next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: No retry after this (``webhooks.max_age_s`` after it was queued or redelivered).
+    give_up_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

@@ -4,7 +4,7 @@ Plain Python with an injected clock, so the same code runs in the Serve app, in 
 in the capacity simulator (millions of requests). Every operation costs O(keys × classes) or
 O(log n) — never O(queue length): removals (deadlines, cancellation, a finished job) are lazy
 (the entry is marked dead and skipped when it reaches a group's head), and counts are kept per
-class, per key and per job.
+class, per key, per (class, tenant) and per job.
 
 Picking the next batch:
 1. Every (class, key) group's oldest item is a candidate; candidates are ordered by class
@@ -42,6 +42,8 @@ class PoolQueue:
         self._counts: dict[str, int] = dict.fromkeys(self.classes, 0)
         self._total = 0
         self._key_counts: dict[WorkKey, int] = {}
+        #: (class, tenant) → queued items: a tenant's share of a class queue is checked per submission.
+        self._tenant_counts: dict[tuple[str, str], int] = {}
         #: job id → queue token → queued item (cancellation and lookups without a scan).
         self._jobs: dict[str, dict[int, WorkItem]] = {}
         self._deadlines: list[tuple[float, int, WorkItem]] = []
@@ -64,6 +66,8 @@ class PoolQueue:
         self._counts[cls] += 1
         self._total += 1
         self._key_counts[key] = self._key_counts.get(key, 0) + 1
+        owner = (cls, item.tenant_id)
+        self._tenant_counts[owner] = self._tenant_counts.get(owner, 0) + 1
         self._jobs.setdefault(item.job_id, {})[token] = item
         if item.deadline is not None:
             heapq.heappush(self._deadlines, (item.deadline, token, item))
@@ -73,6 +77,10 @@ class PoolQueue:
 
     def depth(self, cls: str) -> int:
         return self._counts.get(cls, 0)
+
+    def tenant_depth(self, cls: str, tenant_id: str) -> int:
+        """Queued items of one tenant in class ``cls``."""
+        return self._tenant_counts.get((cls, tenant_id), 0)
 
     def depths(self) -> dict[str, int]:
         return dict(self._counts)
@@ -225,6 +233,11 @@ class PoolQueue:
             self._key_counts[key] = remaining
         else:
             del self._key_counts[key]
+        owner = (cls, item.tenant_id)
+        if self._tenant_counts[owner] > 1:
+            self._tenant_counts[owner] -= 1
+        else:
+            del self._tenant_counts[owner]
         job = self._jobs[item.job_id]
         del job[item.queue_token]
         if not job:

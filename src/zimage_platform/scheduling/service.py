@@ -24,10 +24,10 @@ from sqlalchemy.exc import DBAPIError
 
 from zimage_platform.billing.ledger import LedgerEntry
 from zimage_platform.db import utcnow
-from zimage_platform.scheduling.admission import Admission, AdmissionLimit, QueueFull, month_start
+from zimage_platform.scheduling.admission import Admission, AdmissionLimit, QueueFull, TenantQueueShare, month_start
 from zimage_platform.scheduling.dispatcher import Dispatcher, pool_policies
 from zimage_platform.scheduling.events import EventHub
-from zimage_platform.scheduling.models import TERMINAL, JobRow
+from zimage_platform.scheduling.models import TERMINAL, BatchRow, JobRow
 from zimage_platform.scheduling.store import DoneImage, Finish, JobStore, NewJob, StoredImage
 from zimage_platform.scheduling.work import Batch, BatchOutcome, ItemOutcome, Progress, WorkItem, WorkKey
 from zimage_platform.telemetry.metrics import metrics
@@ -38,7 +38,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AdmissionLimit", "EngineClient", "QueueFull", "SchedulerService", "month_start", "work_key"]
+__all__ = [
+    "AdmissionLimit",
+    "EngineClient",
+    "QueueFull",
+    "SchedulerService",
+    "TenantQueueShare",
+    "month_start",
+    "work_key",
+]
 
 #: Seconds a tenant's monthly usage count is trusted before it is read from the store again.
 USAGE_TTL_S = 5.0
@@ -108,17 +116,19 @@ class _Active:
 
 
 class _ActiveJobs:
-    """Jobs with images queued or in flight, with a count per tenant: the concurrency cap is
-    checked on every submission, so it must not scan every active job."""
+    """Jobs with images queued or in flight, with the concurrency slots each tenant holds: a job
+    takes one, a bulk batch one for all its jobs (while any of them is active). The cap is checked
+    on every submission, so it must not scan every active job."""
 
     def __init__(self) -> None:
         self._jobs: dict[str, _Active] = {}
-        self._per_tenant: dict[str, int] = {}
+        self._slots: dict[str, int] = {}
+        #: Bulk batch id → its active jobs.
+        self._batch_jobs: dict[str, int] = {}
 
     def add(self, job_id: str, active: _Active) -> _Active:
         if job_id not in self._jobs:
-            tenant = active.row.tenant_id
-            self._per_tenant[tenant] = self._per_tenant.get(tenant, 0) + 1
+            self._count(active.row, +1)
         self._jobs[job_id] = active
         return active
 
@@ -126,17 +136,30 @@ class _ActiveJobs:
         active = self._jobs.pop(job_id, None)
         if active is None:
             return default
-        tenant = active.row.tenant_id
-        self._per_tenant[tenant] -= 1
-        if not self._per_tenant[tenant]:
-            del self._per_tenant[tenant]
+        self._count(active.row, -1)
         return active
+
+    def _count(self, row: JobRow, delta: int) -> None:
+        if row.batch_id is not None:
+            jobs = self._batch_jobs.get(row.batch_id, 0) + delta
+            if jobs:
+                self._batch_jobs[row.batch_id] = jobs
+            else:
+                del self._batch_jobs[row.batch_id]
+            if jobs != (1 if delta > 0 else 0):
+                return  # not the batch's first job in, nor its last out: its slot is unchanged
+        slots = self._slots.get(row.tenant_id, 0) + delta
+        if slots:
+            self._slots[row.tenant_id] = slots
+        else:
+            del self._slots[row.tenant_id]
 
     def get(self, job_id: str) -> _Active | None:
         return self._jobs.get(job_id)
 
     def count(self, tenant_id: str) -> int:
-        return self._per_tenant.get(tenant_id, 0)
+        """Concurrency slots ``tenant_id`` holds (jobs, and bulk batches counted once)."""
+        return self._slots.get(tenant_id, 0)
 
     def __contains__(self, job_id: object) -> bool:
         return job_id in self._jobs
@@ -185,6 +208,9 @@ class SchedulerService:
         self._cancelled_items: set[str] = set()
         #: Running jobs a client cancelled (their images stop at the next step boundary).
         self._cancelling: set[str] = set()
+        #: Finishes the database refused (job → status, code, message): the sweep tries again, since
+        #: a queued job let go has no lease to lapse and would otherwise wait for a restart.
+        self._unfinished: dict[str, tuple[str, str | None, str | None]] = {}
         #: Monthly image usage per tenant: (counted at, month, images).
         self._usage: dict[str, tuple[float, datetime, int]] = {}
         #: PNGs of jobs whose synchronous caller waits for them inline (job → index → bytes).
@@ -270,37 +296,51 @@ class SchedulerService:
 
     # -- admission ----------------------------------------------------------------------
 
-    def check_admission(self, priority: str, images: int) -> None:
-        """429 ``queue_full`` when the class's queue would pass its bound (nothing is written)."""
-        self.admission.check_queue(priority, images, self.clock())
+    def check_admission(self, priority: str, images: int, tenant_id: str | None = None) -> None:
+        """429 ``queue_full`` when the class's queue would pass its bound, ``tenant_queue_share``
+        when ``tenant_id``'s waiting images would pass its share of it (nothing is written)."""
+        self.admission.check_queue(priority, images, self.clock(), tenant_id)
 
     def retry_after(self, pool: str, depth: int) -> int:
         """Seconds until ``depth`` images drain at the recently measured rate."""
         return self.admission.drain.retry_after(depth, self.clock())
 
     def tenant_jobs(self, tenant_id: str) -> int:
+        """Concurrency slots the tenant holds here (a bulk batch counts once)."""
         return self._active.count(tenant_id)
 
-    async def check_tenant(
-        self, tenant_id: str, priority: str, *, jobs: int, images: int, cap: int | None, quota: int | None
-    ) -> None:
-        """The tenant's concurrency cap and monthly image quota, then reserve the room for this
-        admission (nothing awaits between the checks and the reservation, so none can race it)."""
-        used = await self._month_usage(tenant_id) if quota else 0
-        self.admission.check_tenant(
-            tenant_id,
-            running=self._active.count(tenant_id),
-            jobs=jobs,
+    @contextlib.asynccontextmanager
+    async def _admitted(self, job: NewJob, *, jobs: int, images: int, check_queue: bool = True) -> AsyncIterator[None]:
+        """The whole admission of one submission (``job``: it, or a bulk batch's first job) — queue
+        bound and the tenant's share of it, concurrency slots, monthly quota — then its room held
+        until the body has written and queued the jobs. Nothing awaits between the checks and the
+        reservation, so concurrent submissions cannot both take the last place."""
+        tenant, priority, quota = job.tenant_id, job.priority_class, job.monthly_images
+        used = await self._month_usage(tenant) if quota else 0
+        with span(
+            "admission",
+            parent=job.params.get("trace_context"),
+            tenant=tenant,
+            priority_class=priority,
             images=images,
-            cap=cap,
-            quota=quota,
-            used=used,
-            now=self.clock(),
-            today=utcnow(),
-        )
-
-    def _release(self, tenant_id: str, *, jobs: int, images: int) -> None:
-        self.admission.release(tenant_id, jobs=jobs, images=images)
+        ):
+            self.admission.admit(
+                tenant,
+                priority,
+                jobs=jobs,
+                images=images,
+                running=self._active.count(tenant),
+                cap=job.max_concurrent_jobs,
+                quota=quota,
+                used=used,
+                now=self.clock(),
+                today=utcnow(),
+                check_queue=check_queue,
+            )
+        try:
+            yield
+        finally:
+            self.admission.release(tenant, priority, jobs=jobs, images=images)
 
     async def _month_usage(self, tenant_id: str) -> int:
         """Images the tenant asked for this month: counted in the store at most every
@@ -324,25 +364,8 @@ class SchedulerService:
             existing = await asyncio.to_thread(self.store.find_idempotent, job)
             if existing is not None:
                 return existing, False
-        with span(
-            "admission",
-            parent=job.params.get("trace_context"),
-            tenant=job.tenant_id,
-            priority_class=job.priority_class,
-            images=len(job.seeds),
-        ):
-            if check_queue:
-                self.check_admission(job.priority_class, len(job.seeds))
         images = len(job.seeds)
-        await self.check_tenant(
-            job.tenant_id,
-            job.priority_class,
-            jobs=1,
-            images=images,
-            cap=job.max_concurrent_jobs,
-            quota=job.monthly_images,
-        )
-        try:
+        async with self._admitted(job, jobs=1, images=images, check_queue=check_queue):
             pool = self.config.pools[self.dispatcher.pool_of(job.priority_class)]
             deadline_s = pool.queue_deadline_s.get(job.priority_class)
             if deadline_s is not None and job.deadline_at is None:
@@ -351,27 +374,21 @@ class SchedulerService:
             if created:
                 self._count_usage(job.tenant_id, images)
                 await self._enqueue(row)
-        finally:
-            self._release(job.tenant_id, jobs=1, images=images)
         return row, created
 
-    async def submit_many(self, jobs: list[NewJob]) -> list[JobRow]:
-        """Bulk batches: admitted as a whole (queue bound and monthly quota; a bulk file is one
-        submission, so the concurrency cap does not apply), one transaction for all rows."""
+    async def submit_many(self, jobs: list[NewJob], batch: BatchRow | None = None) -> list[JobRow]:
+        """A bulk batch, admitted as a whole or not at all, like one job: the queue bound and the
+        tenant's share of it, one concurrency slot (for all its jobs), the monthly quota. The
+        batch row and its jobs are written in one transaction (``BatchExists``: a batch with this
+        id or Idempotency-Key was written before), so a refused batch leaves nothing behind."""
         if not jobs:
             return []
         first, images = jobs[0], sum(len(j.seeds) for j in jobs)
-        self.check_admission(first.priority_class, images)
-        await self.check_tenant(
-            first.tenant_id, first.priority_class, jobs=0, images=images, cap=None, quota=first.monthly_images
-        )
-        try:
-            rows = await asyncio.to_thread(self.store.create_many, jobs)
+        async with self._admitted(first, jobs=1, images=images):
+            rows = await asyncio.to_thread(self.store.create_many, jobs, batch)
             self._count_usage(first.tenant_id, images)
             for row in rows:
                 await self._enqueue(row)
-        finally:
-            self._release(first.tenant_id, jobs=0, images=images)
         return rows
 
     async def _enqueue(self, row: JobRow) -> None:
@@ -453,14 +470,20 @@ class SchedulerService:
                     break
         return await asyncio.to_thread(self.store.get, job_id)
 
-    async def submit_and_wait(self, job: NewJob, wait_s: float, *, inline: bool = False) -> Submitted:
+    async def submit_and_wait(
+        self, job: NewJob, wait_s: float, *, inline: bool = False, on_admitted: Callable[[], None] | None = None
+    ) -> Submitted:
         """The synchronous APIs' one call: admit and write the job, then wait until it is terminal
         (or ``wait_s`` passes: ``timed_out``, the job goes on). With ``inline`` the PNGs come back
-        with it, as the engine handed them over, so the caller need not read them from S3."""
+        with it, as the engine handed them over, so the caller need not read them from S3.
+        ``on_admitted`` is called once the job is written and queued (the ingress then lets the
+        next submission of the class in while this one waits)."""
         if inline:
             self._inline.setdefault(job.id, {})
         try:
             row, created = await self.submit(job)  # an idempotent replay: the earlier job, no PNGs
+            if on_admitted is not None:
+                on_admitted()
             if row.status in TERMINAL:
                 return Submitted(row, created)
             try:
@@ -579,7 +602,15 @@ class SchedulerService:
                 self._active.pop(job_id, None)
                 continue
             active.row = row
-            job_items = [i for i in batch.items if i.job_id == job_id]
+            # Images stored meanwhile (by a scheduler whose lease lapsed before it finished the
+            # job) are not run again; a job with nothing left simply finishes.
+            stored = {image.index for image in row.images if image.status == "done"}
+            active.remaining -= stored
+            job_items = [i for i in batch.items if i.job_id == job_id and i.index not in stored]
+            if not job_items:
+                if (finish := self._settlement(job_id, active)) is not None:
+                    await self._finish(job_id, finish.status, finish.code, finish.message)
+                continue
             active.inflight.update(i.index for i in job_items)
             kept += job_items
             if not active.started:
@@ -764,7 +795,9 @@ class SchedulerService:
             log.exception("cannot finish job %s as %s: letting it go for recovery", job_id, status)
             self.dispatcher.remove_job(job_id)
             self._active.pop(job_id, None)
+            self._unfinished[job_id] = (status, code, message)
             return None
+        self._unfinished.pop(job_id, None)
         self._finished(row)
         return row
 
@@ -807,7 +840,7 @@ class SchedulerService:
 
     async def sweep(self) -> None:
         """Renew our leases; re-queue jobs whose owner's lease ran out (a job cancelled meanwhile
-        is finished as cancelled by the store); fail expired deadlines."""
+        is finished as cancelled by the store); finish the jobs the database refused to finish."""
         ours = [job_id for job_id, a in self._active.items() if a.started]
         await asyncio.to_thread(self.store.renew, ours, self.owner, self.config.scheduler.lease_s)
         for row in await asyncio.to_thread(self.store.requeue_expired):
@@ -817,6 +850,8 @@ class SchedulerService:
                 self._emit(row, "cancelled", reason=row.error_code)
             elif row.id not in self._active:
                 await self._enqueue(row)
+        for job_id, (status, code, message) in list(self._unfinished.items()):
+            await self._finish(job_id, status, code, message)
 
     # -- observability ------------------------------------------------------------------
 

@@ -36,6 +36,13 @@ class IdempotencyConflict(PlatformError):
     status = 409
 
 
+class BatchExists(PlatformError):
+    """A bulk batch with this id or Idempotency-Key is already written (the earlier one stands)."""
+
+    code = "batch_exists"
+    status = 409
+
+
 class JobNotFound(PlatformError):
     code = "job_not_found"
     status = 404
@@ -177,12 +184,21 @@ class JobStore:
             return self._same_request(existing, job), False
         return row, True  # every column is set here (no server defaults): no read-back
 
-    def create_many(self, jobs: Sequence[NewJob]) -> list[JobRow]:
-        """Bulk insert in one transaction (bulk batches: thousands of rows)."""
+    def create_many(self, jobs: Sequence[NewJob], batch: BatchRow | None = None) -> list[JobRow]:
+        """A bulk batch's row and its jobs, in one transaction (thousands of rows): all or nothing.
+        ``BatchExists`` when the batch (its id, or its tenant's Idempotency-Key) is already written."""
         now = utcnow()
         rows = [j.row(now) for j in jobs]
-        with self.session() as s, s.begin():
-            s.add_all(rows)
+        try:
+            with self.session() as s, s.begin():
+                if batch is not None:
+                    s.add(batch)
+                    s.flush()  # the batch first: the jobs refer to it
+                s.add_all(rows)
+        except IntegrityError:
+            if batch is not None and self._batch_written(batch):
+                raise BatchExists(f"batch {batch.id} is already written", param="Idempotency-Key") from None
+            raise
         return rows
 
     def find_idempotent(self, job: NewJob) -> JobRow | None:
@@ -426,10 +442,17 @@ class JobStore:
 
     # -- bulk batches -------------------------------------------------------------------
 
-    def create_batch(self, batch: BatchRow) -> BatchRow:
-        with self.session() as s, s.begin():
-            s.add(batch)
-        return batch
+    def _batch_written(self, batch: BatchRow) -> bool:
+        with self.session() as s:
+            if s.get(BatchRow, batch.id) is not None:
+                return True
+        return batch.idempotency_key is not None and self.find_batch(batch.tenant_id, batch.idempotency_key) is not None
+
+    def find_batch(self, tenant_id: str, idempotency_key: str) -> BatchRow | None:
+        """The batch an earlier submission with this Idempotency-Key wrote."""
+        with self.session() as s:
+            q = select(BatchRow).where(BatchRow.tenant_id == tenant_id, BatchRow.idempotency_key == idempotency_key)
+            return s.scalar(q)
 
     def get_batch(self, batch_id: str, tenant_id: str) -> BatchRow:
         with self.session() as s:
@@ -456,24 +479,11 @@ class JobStore:
             row.status, row.manifest_key, row.finished_at = "completed", manifest_key, utcnow()
         return row
 
-    # -- webhook outbox -----------------------------------------------------------------
+    # -- webhook outbox (its state machine: scheduling/deliveries.py) ---------------------
 
     def add_delivery(self, delivery: WebhookDeliveryRow) -> None:
         with self.session() as s, s.begin():
             s.add(delivery)
-
-    def due_deliveries(self, now: datetime | None = None, limit: int = 100) -> list[WebhookDeliveryRow]:
-        now = now or utcnow()
-        with self.session() as s:
-            q = select(WebhookDeliveryRow).where(
-                WebhookDeliveryRow.status == "pending",
-                or_(WebhookDeliveryRow.next_attempt_at.is_(None), WebhookDeliveryRow.next_attempt_at <= now),
-            )
-            return list(s.scalars(q.order_by(WebhookDeliveryRow.created_at).limit(limit)))
-
-    def update_delivery(self, delivery_id: str, **values: Any) -> None:
-        with self.session() as s, s.begin():
-            s.execute(update(WebhookDeliveryRow).where(WebhookDeliveryRow.id == delivery_id).values(**values))
 
     def deliveries(self, job_id: str) -> list[WebhookDeliveryRow]:
         with self.session() as s:

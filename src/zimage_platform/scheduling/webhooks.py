@@ -8,10 +8,13 @@ Why it looks the way it does:
 - Signing uses the ``standardwebhooks`` reference library, so any receiver using a Standard
   Webhooks SDK (or Svix's) verifies our requests without custom code.
 - Delivery retries what a retry can fix (network errors, timeouts, 408, 429, 5xx) with
-  exponential backoff and jitter, and gives up at once on other answers (a 404 or 401 will
-  not change by itself). Redirects are not followed: they could lead past the SSRF check.
+  exponential backoff and jitter until a maximum age, and dead-letters at once on other answers
+  (a 404 or 401 will not change by itself); the tenant lists dead letters and redelivers them.
+  Attempts are scheduled in the outbox, not slept on (:mod:`~zimage_platform.scheduling.deliveries`).
+  Redirects are not followed: they could lead past the SSRF check.
 - Outside the embedded default, targets must be public addresses: a tenant's webhook URL must
-  not become a way to reach the cluster's internals (metadata service, databases, Ray).
+  not become a way to reach the cluster's internals (metadata service, databases, Ray). The
+  address is checked as the connection is made, on the same DNS answer it connects to.
 """
 
 from __future__ import annotations
@@ -28,14 +31,14 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any, Protocol
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 from standardwebhooks import Webhook
 
-from zimage_platform.errors import InvalidRequest
-from zimage_platform.netsafe import WEBHOOK_URLS
+from zimage_platform.netsafe import REFUSAL_REASONS, WEBHOOK_URLS, UrlError, failure_reason
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +109,8 @@ def validate_webhook_url(url: str, *, allow_private: bool = False) -> str:
     """Accept ``url`` as a webhook target or raise InvalidRequest (``webhook_url_invalid``).
 
     ``allow_private`` lets loopback and private networks through: for the embedded default and
-    tests, never for a multi-tenant deployment. Resolution happens here *and* again before each
-    delivery (see :class:`WebhookSender`), since DNS answers can change after registration.
+    tests, never for a multi-tenant deployment. This is the early refusal; every connection
+    checks the address it connects to again (see :class:`WebhookSender`).
     """
     return WEBHOOK_URLS.validate(url, allow_private=allow_private)
 
@@ -145,64 +148,37 @@ class ProgressThrottle:
         return True
 
 
-# -- durability hook ----------------------------------------------------------------------------
-
-
-class WebhookOutbox(Protocol):
-    """Where the sender reports each attempt and the outcome (the jobs database in production).
-
-    The event itself is stored by the caller before :meth:`WebhookSender.deliver` runs, so a
-    restart can re-send anything not marked delivered or failed. Methods are called from a worker
-    thread, so a blocking database write does not stall the event loop.
-    """
-
-    def record_attempt(self, event_id: str, status_code: int | None, error: str | None) -> None: ...
-
-    def mark_delivered(self, event_id: str) -> None: ...
-
-    def mark_failed(self, event_id: str, reason: str) -> None: ...
-
-
-@dataclass(frozen=True)
-class AttemptRecord:
-    status_code: int | None
-    error: str | None
-
-
-class MemoryOutbox:
-    """In-memory :class:`WebhookOutbox` for tests and the embedded default."""
-
-    def __init__(self) -> None:
-        self.attempts: dict[str, list[AttemptRecord]] = {}
-        self.delivered: set[str] = set()
-        self.failed: dict[str, str] = {}
-
-    def record_attempt(self, event_id: str, status_code: int | None, error: str | None) -> None:
-        self.attempts.setdefault(event_id, []).append(AttemptRecord(status_code, error))
-
-    def mark_delivered(self, event_id: str) -> None:
-        self.delivered.add(event_id)
-
-    def mark_failed(self, event_id: str, reason: str) -> None:
-        self.failed[event_id] = reason
-
-
-# -- delivery -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DeliveryResult:
-    delivered: bool
-    attempts: int
-    status_code: int | None = None
-    error: str | None = None
+# -- one attempt ---------------------------------------------------------------------------------
 
 
 RETRYABLE_STATUSES = frozenset({408, 429})
+#: URL refusals a later attempt can get past (a DNS outage); the others need the tenant to act.
+RETRYABLE_REFUSALS = frozenset({"unresolvable"})
 
 
-def _retryable(status: int) -> bool:
-    return status in RETRYABLE_STATUSES or status >= 500
+@dataclass(frozen=True)
+class Attempt:
+    """What one POST came to: the receiver's status, or a reason code (never exception or body text)."""
+
+    status_code: int | None
+    #: None when delivered; ``http_status``, a :data:`~zimage_platform.netsafe.FAILURE_REASONS`
+    #: code, a URL refusal (:data:`~zimage_platform.netsafe.REFUSAL_REASONS`) or ``secret_unavailable``.
+    reason: str | None
+    retry_after_s: float | None = None
+
+    @property
+    def delivered(self) -> bool:
+        return self.status_code is not None and 200 <= self.status_code < 300
+
+    @property
+    def retryable(self) -> bool:
+        """Network trouble, 408, 429 and 5xx may pass later; other answers (a 404, a 401, a redirect,
+        a private address) will not change by themselves."""
+        if self.delivered:
+            return False
+        if self.status_code is not None:
+            return self.status_code in RETRYABLE_STATUSES or self.status_code >= 500
+        return self.reason not in REFUSAL_REASONS or self.reason in RETRYABLE_REFUSALS
 
 
 def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
@@ -223,42 +199,56 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
     return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
 
 
+@dataclass(frozen=True)
+class RetryPolicy:
+    """When the next attempt is, and when to stop: retries back off exponentially (with jitter)
+    until ``max_age_s`` after the event was queued; then the event is dead-lettered (listed for
+    the tenant, who can redeliver it)."""
+
+    backoff_s: float = 1.0
+    max_backoff_s: float = 3600.0
+    jitter: float = 0.2
+    max_age_s: float = 86400.0
+
+    def backoff(self, attempts: int, retry_after: float | None = None) -> float:
+        """Seconds to wait after ``attempts`` failed attempts (1-based); a ``Retry-After`` from the
+        receiver stretches the wait, up to ``max_backoff_s``."""
+        delay = min(self.max_backoff_s, self.backoff_s * 2 ** (attempts - 1))
+        delay *= 1 + random.uniform(-self.jitter, self.jitter)
+        if retry_after is not None:
+            delay = max(delay, min(retry_after, self.max_backoff_s))
+        return delay
+
+    def next_attempt_at(self, attempt: Attempt, attempts: int, now: datetime, give_up_at: datetime) -> datetime | None:
+        """When to try again after this failed ``attempt`` (the ``attempts``-th), or None: dead-letter."""
+        if not attempt.retryable:
+            return None
+        at = now + timedelta(seconds=self.backoff(attempts, attempt.retry_after_s))
+        return at if at <= give_up_at else None
+
+
 class WebhookSender:
-    """Delivers one event to one URL with retries; share one sender (one connection pool) per process."""
+    """Signs and POSTs one attempt; share one sender (one connection pool) per process.
 
-    def __init__(
-        self,
-        *,
-        outbox: WebhookOutbox | None = None,
-        client: httpx.AsyncClient | None = None,
-        allow_private: bool = False,
-        timeout_s: float = 10.0,
-        max_attempts: int = 8,
-        backoff_s: float = 0.5,
-        max_backoff_s: float = 60.0,
-        jitter: float = 0.2,
-        max_retry_after_s: float = 60.0,
-    ) -> None:
-        """Attempt ``n`` (from 1) waits ``backoff_s * 2**(n-1)`` (capped, ±``jitter`` fraction) before the next.
+    Its client connects only to checked public addresses (:meth:`UrlPolicy.client`), one
+    resolution per connection, so a DNS answer that changes after the check cannot send a
+    delivery into the cluster. Each attempt has a total deadline (``timeout_s``), short so a slow
+    receiver holds one of its own tenant's delivery slots only briefly.
+    """
 
-        A ``Retry-After`` from a 429/503 stretches the wait up to ``max_retry_after_s``.
-        """
-        if max_attempts < 1:
-            raise ValueError("max_attempts must be >= 1")
-        self.outbox = outbox
+    def __init__(self, *, allow_private: bool = False, timeout_s: float = 5.0) -> None:
         self.allow_private = allow_private
         self.timeout_s = timeout_s
-        self.max_attempts = max_attempts
-        self.backoff_s = backoff_s
-        self.max_backoff_s = max_backoff_s
-        self.jitter = jitter
-        self.max_retry_after_s = max_retry_after_s
-        self._owns_client = client is None
-        self._client = client or httpx.AsyncClient(follow_redirects=False, headers={"user-agent": USER_AGENT})
+        # No pool-wide connection cap: the dispatcher caps deliveries per tenant, and a shared cap
+        # would let one tenant's slow receivers hold every connection.
+        self._client = WEBHOOK_URLS.client(
+            allow_private=allow_private,
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=100),
+            headers={"user-agent": USER_AGENT},
+        )
 
     async def aclose(self) -> None:
-        if self._owns_client:
-            await self._client.aclose()
+        await self._client.aclose()
 
     async def __aenter__(self) -> WebhookSender:
         return self
@@ -266,45 +256,12 @@ class WebhookSender:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-    def backoff(self, attempt: int, retry_after: float | None = None) -> float:
-        """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
-        delay = min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1))
-        delay *= 1 + random.uniform(-self.jitter, self.jitter)
-        if retry_after is not None:
-            delay = max(delay, min(retry_after, self.max_retry_after_s))
-        return delay
-
-    async def deliver(self, url: str, secret: str | Sequence[str], event: WebhookEvent) -> DeliveryResult:
-        """POST ``event`` to ``url`` until a 2xx, a permanent refusal, or the attempts run out."""
-        try:
-            await WEBHOOK_URLS.validate_async(url, allow_private=self.allow_private)
-        except InvalidRequest as exc:
-            return await self._finish(event, DeliveryResult(False, 0, None, f"{exc.code}: {exc.message}"))
-
+    async def attempt(self, url: str, secret: str | Sequence[str], event: WebhookEvent) -> Attempt:
+        """One signed POST. The response body is never read; failures become reason codes."""
         body = event.payload()
-        status: int | None = None
-        error: str | None = None
-        for attempt in range(1, self.max_attempts + 1):
-            status, error, retry_after = await self._attempt(url, secret, event, body)
-            await self._outbox("record_attempt", event.id, status, error)
-            if status is not None and 200 <= status < 300:
-                return await self._finish(event, DeliveryResult(True, attempt, status))
-            if status is not None and not _retryable(status):
-                return await self._finish(event, DeliveryResult(False, attempt, status, error))
-            if attempt < self.max_attempts:
-                delay = self.backoff(attempt, retry_after)
-                log.info(
-                    "webhook %s to %s: attempt %d failed (%s), retry in %.2fs", event.id, url, attempt, error, delay
-                )
-                await asyncio.sleep(delay)
-        return await self._finish(event, DeliveryResult(False, self.max_attempts, status, error))
-
-    async def _attempt(
-        self, url: str, secret: str | Sequence[str], event: WebhookEvent, body: bytes
-    ) -> tuple[int | None, str | None, float | None]:
-        """One signed POST: (status, error, Retry-After seconds). The response body is never read."""
         headers = {"content-type": "application/json", **sign_headers(secret, event.id, body, datetime.now(UTC))}
         try:
+            WEBHOOK_URLS.parse(url)
             # A total deadline: httpx's timeouts are per read, so a receiver dripping bytes could hold us.
             async with asyncio.timeout(self.timeout_s):
                 async with self._client.stream(
@@ -312,20 +269,16 @@ class WebhookSender:
                 ) as response:
                     status = response.status_code
                     retry_after = parse_retry_after(response.headers.get("retry-after"))
-        except (TimeoutError, httpx.TimeoutException):
-            return None, f"timed out after {self.timeout_s}s", None
-        except httpx.TransportError as exc:
-            return None, f"{type(exc).__name__}: {exc}", None
-        error = None if 200 <= status < 300 else f"HTTP {status}"
-        return status, error, retry_after
+        except UrlError as exc:
+            return Attempt(None, exc.reason)
+        except (TimeoutError, httpx.HTTPError) as exc:
+            reason = failure_reason(exc)
+            log.info("webhook %s to %s failed: %s (%s)", event.id, _origin(url), reason, exc)
+            return Attempt(None, reason)
+        return Attempt(status, None if 200 <= status < 300 else "http_status", retry_after)
 
-    async def _finish(self, event: WebhookEvent, result: DeliveryResult) -> DeliveryResult:
-        if result.delivered:
-            await self._outbox("mark_delivered", event.id)
-        else:
-            await self._outbox("mark_failed", event.id, result.error or "not delivered")
-        return result
 
-    async def _outbox(self, method: str, *args: Any) -> None:
-        if self.outbox is not None:
-            await asyncio.to_thread(getattr(self.outbox, method), *args)
+def _origin(url: str) -> str:
+    """Scheme, host and port only: a webhook URL's path or query may hold the tenant's token."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"

@@ -3,21 +3,15 @@ tests and benchmarks, so every way of running the platform assembles it the same
 
 from __future__ import annotations
 
-import httpx
-
 from zimage_platform.api.services import PlatformServices, SchedulerClient, SubmitGates
 from zimage_platform.config import PlatformConfig
 from zimage_platform.db import create_db_engine, upgrade
-from zimage_platform.scheduling.notifications import (
-    BatchTracker,
-    DatabaseOutbox,
-    WebhookNotifier,
-    platform_secret,
-    resolve_secret,
-)
+from zimage_platform.netsafe import IMAGE_URLS
+from zimage_platform.scheduling.deliveries import DeliveryOutbox, WebhookDispatcher
+from zimage_platform.scheduling.notifications import BatchTracker, WebhookNotifier
 from zimage_platform.scheduling.service import EngineClient, SchedulerService
 from zimage_platform.scheduling.store import JobStore
-from zimage_platform.scheduling.webhooks import WebhookSender
+from zimage_platform.scheduling.webhooks import RetryPolicy, WebhookSender
 from zimage_platform.storage.results import ResultStore
 from zimage_platform.telemetry.metrics import metrics
 from zimage_platform.telemetry.tracing import configure_tracing, instrument_engine
@@ -25,6 +19,7 @@ from zimage_platform.tenancy import TenantRegistry, load_pepper
 from zimage_platform.tenancy.audit import AuditLog
 from zimage_platform.tenancy.policy import PolicyRegistry, load_policy_spec
 from zimage_platform.tenancy.ratelimit import TenantRateLimiter
+from zimage_platform.tenancy.webhook_secrets import WebhookSecrets
 
 
 def job_store(config: PlatformConfig, *, migrate: bool = False) -> JobStore:
@@ -64,28 +59,32 @@ def scheduler_service(
     configure_tracing(config.telemetry, "scheduler")
     store = store or job_store(config, migrate=True)
     results = result_store(config)
-    tenants = tenant_registry(config)
-    fallback = platform_secret(config.webhooks.signing_secret, config.paths.data_dir / "secrets" / "webhook-secret")
-
-    def secret_for(tenant_id: str) -> str:
-        tenant = tenants.get(tenant_id)
-        return resolve_secret(tenant.webhook_secret_ref if tenant else None, fallback)
-
+    w = config.webhooks
     scheduler = SchedulerService(config, store, engines)
-    sender = WebhookSender(
-        outbox=DatabaseOutbox(store),
-        allow_private=config.webhooks.allow_private,
-        timeout_s=config.webhooks.timeout_s,
-        max_attempts=config.webhooks.max_attempts,
+    outbox = DeliveryOutbox(store, max_age_s=w.max_age_s)
+    dispatcher = WebhookDispatcher(
+        outbox,
+        WebhookSender(allow_private=w.allow_private, timeout_s=w.timeout_s),
+        WebhookSecrets.from_config(config, store.engine, tenant_registry(config).get).signing,
+        policy=RetryPolicy(backoff_s=w.backoff_s, max_backoff_s=w.max_backoff_s, max_age_s=w.max_age_s),
+        per_tenant=w.per_tenant_concurrency,
+        poll_s=w.poll_s,
     )
-    scheduler.add_listener(WebhookNotifier(store, sender, secret_for))
+    scheduler.add_listener(WebhookNotifier(outbox, dispatcher))
     scheduler.add_listener(BatchTracker(store, results))
     return scheduler
 
 
 def rate_limiter(config: PlatformConfig) -> TenantRateLimiter:
     t = config.tenancy
-    return TenantRateLimiter(t.rate_limit_backend, redis_url=t.redis_url, key_prefix=t.redis_prefix)
+    return TenantRateLimiter(
+        t.rate_limit_backend,
+        redis_url=t.redis_url,
+        key_prefix=t.redis_prefix,
+        timeout_s=t.redis_timeout_s,
+        retry_s=t.redis_retry_s,
+        replicas=config.serve.ingress_replicas,
+    )
 
 
 def policy_registry(config: PlatformConfig) -> PolicyRegistry:
@@ -102,7 +101,7 @@ def platform_services(
         results=result_store(config),
         scheduler=scheduler,
         tenants=tenant_registry(config),
-        http=httpx.AsyncClient(follow_redirects=False, timeout=15.0),
+        http=IMAGE_URLS.client(allow_private=config.limits.allow_private_urls, timeout=15.0),
         rate_limiter=rate_limiter(config),
         policies=policy_registry(config),
         audit=AuditLog(store.engine),

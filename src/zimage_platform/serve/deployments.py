@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 from ray import serve
@@ -23,7 +23,8 @@ from ray.serve.handle import DeploymentHandle
 from zimage_platform.api import create_api
 from zimage_platform.config import PlatformConfig
 from zimage_platform.errors import PlatformError
-from zimage_platform.scheduling.models import JobRow
+from zimage_platform.scheduling.client import SchedulerUnavailable
+from zimage_platform.scheduling.models import BatchRow, JobRow
 from zimage_platform.scheduling.service import Submitted
 from zimage_platform.scheduling.store import NewJob
 from zimage_platform.scheduling.work import Batch, BatchOutcome, EngineReleased, Progress, follow
@@ -36,13 +37,18 @@ log = logging.getLogger(__name__)
 HEARTBEAT_S = 2.0
 #: A replica not heard from for this long no longer counts as capacity.
 HEARTBEAT_TIMEOUT_S = 3 * HEARTBEAT_S
+#: The first answer of a streamed ``submit_and_wait``: the job is written and queued.
+ADMITTED = "admitted"
 
 
 def _config(data: dict[str, Any]) -> PlatformConfig:
     return PlatformConfig.model_validate(data)
 
 
-# -- results over Ray: expected errors travel as data and are raised again on the other side ---
+# -- results over Ray: expected errors travel as data (pickled whole) and are raised again -----
+# An exception raised inside a deployment would reach the caller wrapped in Ray's RayTaskError;
+# returned as a value it arrives as itself: JobNotFound is still JobNotFound (404), with its
+# code, param, choices and Retry-After.
 
 
 def _ok(value: Any = None) -> dict[str, Any]:
@@ -50,28 +56,13 @@ def _ok(value: Any = None) -> dict[str, Any]:
 
 
 def _err(exc: PlatformError) -> dict[str, Any]:
-    return {
-        "ok": False,
-        "error": {
-            "code": exc.code,
-            "message": exc.message,
-            "param": exc.param,
-            "choices": exc.choices,
-            "status": exc.status,
-            "retry_after_s": getattr(exc, "retry_after_s", None),
-        },
-    }
+    return {"ok": False, "error": exc}
 
 
 def _unwrap(result: dict[str, Any]) -> Any:
     if result["ok"]:
         return result["value"]
-    e = result["error"]
-    exc = PlatformError(e["message"], code=e["code"], param=e["param"], choices=e["choices"])
-    exc.status = e["status"]
-    if e.get("retry_after_s") is not None:
-        exc.retry_after_s = e["retry_after_s"]  # type: ignore[attr-defined]
-    raise exc
+    raise result["error"]
 
 
 # -- engine ---------------------------------------------------------------------------------
@@ -208,17 +199,29 @@ class Scheduler:
         except PlatformError as exc:
             return _err(exc)
 
-    async def submit_and_wait(self, job: NewJob, wait_s: float, inline: bool = False) -> dict[str, Any]:
+    async def submit_and_wait(self, job: NewJob, wait_s: float, inline: bool = False) -> AsyncIterator[dict[str, Any]]:
+        """Streamed: ``ADMITTED`` once the job is written and queued (the ingress then lets its
+        class's next submission in), then the :class:`Submitted` (or the refusal)."""
         await self._started
+        admitted = asyncio.Event()
+        call = asyncio.ensure_future(self.service.submit_and_wait(job, wait_s, inline=inline, on_admitted=admitted.set))
         try:
-            return _ok(await self.service.submit_and_wait(job, wait_s, inline=inline))
-        except PlatformError as exc:
-            return _err(exc)
+            signal = asyncio.ensure_future(admitted.wait())
+            await asyncio.wait({call, signal}, return_when=asyncio.FIRST_COMPLETED)
+            signal.cancel()
+            if admitted.is_set():
+                yield _ok(ADMITTED)
+            try:
+                yield _ok(await call)
+            except PlatformError as exc:
+                yield _err(exc)
+        finally:
+            call.cancel()  # the caller went away: stop waiting (the job itself goes on)
 
-    async def submit_many(self, jobs: list[NewJob]) -> dict[str, Any]:
+    async def submit_many(self, jobs: list[NewJob], batch: BatchRow | None = None) -> dict[str, Any]:
         await self._started
         try:
-            rows = await self.service.submit_many(jobs)
+            rows = await self.service.submit_many(jobs, batch)
         except PlatformError as exc:
             return _err(exc)
         return _ok([r.id for r in rows])
@@ -253,6 +256,20 @@ class Scheduler:
             await self.service.stop(grace_s=self.config.serve.graceful_shutdown_s)
 
 
+@contextlib.contextmanager
+def _scheduler_call() -> Iterator[None]:
+    """A dead or restarting scheduler replica is :class:`SchedulerUnavailable` (503 with
+    Retry-After), not an unexplained 500: Serve starts another one, which recovers the queue
+    from the job table."""
+    from ray.exceptions import RayActorError
+    from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
+
+    try:
+        yield
+    except (RayActorError, DeploymentUnavailableError, ReplicaUnavailableError) as exc:
+        raise SchedulerUnavailable(f"the scheduler is restarting ({type(exc).__name__})") from None
+
+
 class RaySchedulerClient:
     """The ingress's :class:`SchedulerClient` over the scheduler deployment's handle."""
 
@@ -260,28 +277,46 @@ class RaySchedulerClient:
         self.handle = handle
 
     async def submit(self, job: NewJob, *, check_queue: bool = True) -> tuple[JobRow, bool]:
-        row, created = _unwrap(await self.handle.submit.remote(job, check_queue))
+        with _scheduler_call():
+            row, created = _unwrap(await self.handle.submit.remote(job, check_queue))
         return row, created
 
-    async def submit_and_wait(self, job: NewJob, wait_s: float, *, inline: bool = False) -> Submitted:
-        return _unwrap(await self.handle.submit_and_wait.remote(job, wait_s, inline))
+    async def submit_and_wait(
+        self, job: NewJob, wait_s: float, *, inline: bool = False, on_admitted: Callable[[], None] | None = None
+    ) -> Submitted:
+        with _scheduler_call():
+            stream = self.handle.options(stream=True).submit_and_wait.remote(job, wait_s, inline)
+            async for message in stream:
+                value = _unwrap(message)
+                if value == ADMITTED:
+                    if on_admitted is not None:
+                        on_admitted()
+                    continue
+                return value
+        raise RuntimeError("the scheduler ended submit_and_wait without an answer")
 
-    async def submit_many(self, jobs: list[NewJob]) -> list[str]:
-        return _unwrap(await self.handle.submit_many.remote(jobs))
+    async def submit_many(self, jobs: list[NewJob], batch: BatchRow | None = None) -> list[str]:
+        with _scheduler_call():
+            return _unwrap(await self.handle.submit_many.remote(jobs, batch))
 
     async def cancel(self, job_id: str, tenant_id: str) -> None:
-        _unwrap(await self.handle.cancel.remote(job_id, tenant_id))
+        with _scheduler_call():
+            _unwrap(await self.handle.cancel.remote(job_id, tenant_id))
 
     async def wait(self, job_id: str, timeout_s: float) -> None:
-        if _unwrap(await self.handle.wait.remote(job_id, timeout_s)) == "timeout":
+        with _scheduler_call():
+            done = _unwrap(await self.handle.wait.remote(job_id, timeout_s))
+        if done == "timeout":
             raise TimeoutError(job_id)
 
     async def events(self, job_id: str, after: int = 0) -> AsyncIterator[dict[str, Any]]:
-        async for event in self.handle.options(stream=True).events.remote(job_id, after):
-            yield event
+        with _scheduler_call():
+            async for event in self.handle.options(stream=True).events.remote(job_id, after):
+                yield event
 
     async def status(self) -> dict[str, Any]:
-        return await self.handle.status.remote()
+        with _scheduler_call():
+            return await self.handle.status.remote()
 
 
 # -- ingress --------------------------------------------------------------------------------

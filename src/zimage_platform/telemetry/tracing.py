@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -112,12 +112,26 @@ def instrument_engine(engine, provider: TracerProvider | None = None) -> None:
         log.warning("SQLAlchemy instrumentation unavailable: %s", exc)
 
 
-def instrument_app(app, provider: TracerProvider | None = None) -> None:
+def instrument_app(app, provider: TracerProvider | None = None, *, before: Sequence[Callable] = ()) -> None:
+    """Server spans for ``app``. The instrumentation wraps every middleware added with
+    ``add_middleware``; ``before`` run outside it, first of all, so a rewrite that takes a
+    secret out of the path (the ComfyUI ``/comfy/<key>/`` prefix) happens before any span,
+    attribute (``http.target``, ``http.url``) or metric label sees the path."""
     from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 
     FastAPIInstrumentor.instrument_app(
         app, tracer_provider=provider or trace.get_tracer_provider(), excluded_urls="healthz,readyz,metrics"
     )
+    if before:
+        build = app.build_middleware_stack
+
+        def build_middleware_stack():
+            stack = build()
+            for middleware in reversed(before):
+                stack = middleware(stack)
+            return stack
+
+        app.build_middleware_stack = build_middleware_stack
 
 
 def tracer() -> trace.Tracer:

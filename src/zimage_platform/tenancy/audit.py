@@ -1,7 +1,8 @@
 """The append-only audit log: who did what to which tenant, when (admin actions, policy hits).
 
 Rows are hash-chained (see :mod:`zimage_platform.db.chain`): the platform only ever inserts,
-and ``verify()`` proves nothing was changed or removed afterwards.
+and ``verify()`` proves nothing was changed or removed afterwards (the last rows included:
+the chain's end must match its head).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from sqlalchemy import JSON, Engine, Integer, String, select
 from sqlalchemy.orm import Mapped, mapped_column
 
 from zimage_platform.db import Base, UTCDateTime, session_factory, utcnow
-from zimage_platform.db.chain import GENESIS, append, link_hash
+from zimage_platform.db.chain import GENESIS, append, head, head_mismatch, link_hash
 
 CHAIN = "audit"
 
@@ -74,4 +75,7 @@ class AuditLog:
                 if link_hash(row.prev_hash, row.content()) != row.hash:
                     findings.append(f"row {row.seq}: content does not match its hash (altered)")
                 prev, expected_seq = row.hash, row.seq + 1
+            mismatch = head_mismatch(expected_seq - 1, prev, head(s, CHAIN))
+        if mismatch is not None:
+            findings.append(f"{mismatch[1]} ({mismatch[0]})")
         return findings

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, delete, func, select, update
+from sqlalchemy import Engine, Select, Text, cast, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import defer
 
 from zimage_platform.db import session_factory, utcnow
 from zimage_platform.scheduling.models import JobRow
@@ -23,6 +24,12 @@ from zimage_platform.workflows.models import ComfyCounterRow, ComfyFileRow, Comf
 
 #: ComfyUI keeps at most this many prompts in its history; so do we (per tenant, per request).
 MAX_HISTORY = 10_000
+
+
+def _light(q: Select) -> Select:
+    """Prompt rows without their graph and extra_data (up to megabytes each): what queue state,
+    counts and relays need. Reading either from such a row raises instead of querying again."""
+    return q.options(defer(ComfyPromptRow.graph, raiseload=True), defer(ComfyPromptRow.extra_data, raiseload=True))
 
 
 def content_hash(*parts: Any) -> str:
@@ -100,28 +107,56 @@ class ComfyStore:
             q = select(ComfyPromptRow).where(ComfyPromptRow.tenant_id == tenant_id, ComfyPromptRow.prompt_id.in_(ids))
             return list(s.scalars(q))
 
+    def body_sizes(self, tenant_id: str, prompt_ids: Iterable[str]) -> dict[str, int]:
+        """Size of each prompt's stored graph + extra_data (characters of the JSON text the
+        database holds), so a listing can stay within its budget before it reads them."""
+        ids = list(prompt_ids)
+        if not ids:
+            return {}
+        size = func.length(cast(ComfyPromptRow.graph, Text)) + func.length(cast(ComfyPromptRow.extra_data, Text))
+        with self._sessions() as s:
+            q = select(ComfyPromptRow.prompt_id, size).where(
+                ComfyPromptRow.tenant_id == tenant_id, ComfyPromptRow.prompt_id.in_(ids)
+            )
+            return {prompt_id: int(n or 0) for prompt_id, n in s.execute(q)}
+
+    def workflow_ids(self, tenant_id: str, prompt_ids: Iterable[str]) -> dict[str, str | None]:
+        """``extra_data.extra_pnginfo.workflow.id`` of each prompt (the jobs list shows only that)."""
+        ids = list(prompt_ids)
+        if not ids:
+            return {}
+        workflow = ComfyPromptRow.extra_data[("extra_pnginfo", "workflow", "id")].as_string()
+        with self._sessions() as s:
+            q = select(ComfyPromptRow.prompt_id, workflow).where(
+                ComfyPromptRow.tenant_id == tenant_id, ComfyPromptRow.prompt_id.in_(ids)
+            )
+            return {prompt_id: workflow_id for prompt_id, workflow_id in s.execute(q)}
+
     def unfinished(self, tenant_id: str) -> list[ComfyPromptRow]:
-        """Prompts not yet known to be finished (queued, running, or finished unobserved)."""
+        """Prompts not yet known to be finished (queued, running, or finished unobserved);
+        without their bodies (see :func:`_light`)."""
         with self._sessions() as s:
             q = select(ComfyPromptRow).where(
                 ComfyPromptRow.tenant_id == tenant_id,
                 ComfyPromptRow.finished_at.is_(None),
                 ComfyPromptRow.queue_deleted.is_(False),
             )
-            return list(s.scalars(q.order_by(ComfyPromptRow.number, ComfyPromptRow.created_at)))
+            return list(s.scalars(_light(q).order_by(ComfyPromptRow.number, ComfyPromptRow.created_at)))
 
     def of_client(self, tenant_id: str, client_id: str, since: datetime) -> list[ComfyPromptRow]:
-        """A WebSocket's candidates: its client's prompts unfinished or created since ``since``."""
+        """A WebSocket's candidates: its client's prompts unfinished or created since ``since``
+        (without their bodies)."""
         with self._sessions() as s:
             q = select(ComfyPromptRow).where(
                 ComfyPromptRow.tenant_id == tenant_id,
                 ComfyPromptRow.client_id == client_id,
                 (ComfyPromptRow.finished_at.is_(None)) | (ComfyPromptRow.created_at >= since),
             )
-            return list(s.scalars(q.order_by(ComfyPromptRow.created_at)))
+            return list(s.scalars(_light(q).order_by(ComfyPromptRow.created_at)))
 
     def history(self, tenant_id: str, *, max_items: int | None, offset: int | None) -> list[ComfyPromptRow]:
-        """Finished prompts oldest first; ``max_items`` alone means "the last N" (as ComfyUI)."""
+        """Finished prompts oldest first, without their bodies; ``max_items`` alone means "the
+        last N" (as ComfyUI)."""
         with self._sessions() as s:
             base = select(ComfyPromptRow).where(
                 ComfyPromptRow.tenant_id == tenant_id,
@@ -134,7 +169,7 @@ class ComfyStore:
                 total = s.scalar(select(func.count()).select_from(base.subquery())) or 0
                 offset = max(0, total - limit)
             q = base.order_by(ComfyPromptRow.finished_at, ComfyPromptRow.number).offset(offset).limit(limit)
-            return list(s.scalars(q))
+            return list(s.scalars(_light(q)))
 
     def history_count(self, tenant_id: str) -> int:
         with self._sessions() as s:

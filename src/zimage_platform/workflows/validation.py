@@ -8,10 +8,13 @@ no output survives (then ``prompt_outputs_failed_validation``), as in ComfyUI 0.
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from zimage_platform.errors import PlatformError
 from zimage_platform.workflows.nodes import NODES, SCALAR_TYPES, Catalog, InputSpec, input_config
 
 
@@ -42,6 +45,32 @@ class PromptRejected(Exception):
 
     def body(self) -> dict[str, Any]:
         return {"error": self.error, "node_errors": self.node_errors}
+
+
+class StoredTooLarge(PlatformError):
+    """A graph (or a prompt's ``extra_data``) over what the platform stores per prompt or workflow:
+    it is kept, returned by ``/queue`` and ``/history`` and written into every PNG, so it is capped."""
+
+    code = "graph_too_large"
+    status = 413
+
+
+def json_bytes(value: Any) -> int:
+    """Bytes of ``value`` as compact JSON (how it is stored and sent back)."""
+    return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str).encode())
+
+
+def check_stored_size(
+    value: Any, *, param: str, max_bytes: int, max_nodes: int | None = None, code: str = "graph_too_large"
+) -> None:
+    """Refuse a graph with more than ``max_nodes`` nodes or a value over ``max_bytes`` of JSON."""
+    if max_nodes is not None and isinstance(value, Mapping | list) and len(value) > max_nodes:
+        raise StoredTooLarge(
+            f"{param} has {len(value)} nodes; the limit is {max_nodes}", code="too_many_nodes", param=param
+        )
+    size = json_bytes(value)
+    if size > max_bytes:
+        raise StoredTooLarge(f"{param} is {size} bytes of JSON; the limit is {max_bytes}", code=code, param=param)
 
 
 class _LinkError(Exception):
@@ -269,6 +298,7 @@ class _Validator:
         config = input_config(item, self.catalog)
         if isinstance(value, Mapping) and "__value__" in value:
             value = value["__value__"]
+        raw = value
         try:
             if item.type == "INT":
                 value = int(value)
@@ -279,18 +309,10 @@ class _Validator:
             elif item.type == "BOOLEAN":
                 value = bool(value)
         except (TypeError, ValueError, OverflowError) as exc:
-            return (
-                comfy_error(
-                    "invalid_input_type",
-                    f"Failed to convert an input value to a {item.type} value",
-                    f"{item.name}, {value}, {exc}",
-                    input_name=item.name,
-                    input_config=config,
-                    received_value=value,
-                    exception_message=str(exc),
-                ),
-                None,
-            )
+            return self._not_converted(item, config, raw, str(exc)), None
+        if isinstance(value, float) and not math.isfinite(value):
+            # ComfyUI would take it, and the job, /queue and /history could not be written as JSON.
+            return self._not_converted(item, config, raw, "not a finite number", code="non_finite_number"), None
         spec = NODES[class_type]
         if item.name in spec.self_validated:
             return self._self_validated(item, value), value
@@ -335,6 +357,20 @@ class _Validator:
                     None,
                 )
         return None, value
+
+    @staticmethod
+    def _not_converted(item: InputSpec, config: Any, raw: Any, reason: str, **extra: Any) -> dict[str, Any]:
+        shown = repr(raw) if isinstance(raw, float) and not math.isfinite(raw) else raw  # JSON has no NaN
+        return comfy_error(
+            "invalid_input_type",
+            f"Failed to convert an input value to a {item.type} value",
+            f"{item.name}, {shown}, {reason}",
+            input_name=item.name,
+            input_config=config,
+            received_value=shown,
+            exception_message=reason,
+            **extra,
+        )
 
     def _self_validated(self, item: InputSpec, value: Any) -> dict | None:
         if item.source == "input_images" and value not in self.catalog.images:

@@ -9,7 +9,6 @@ header before routing, so the key never reaches route names, metrics or trace at
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 from typing import Annotated, Any
 
@@ -17,7 +16,8 @@ from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Respons
 from starlette.datastructures import UploadFile
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from zimage_platform.api import deps
+from zimage_platform.api import deps, streams
+from zimage_platform.api.body import NonFiniteNumber, loads
 from zimage_platform.api.comfy import protocol
 from zimage_platform.api.comfy.protocol import ComfyError, ComfyJSONResponse
 from zimage_platform.api.comfy.serving import ComfyService, convert_view
@@ -37,7 +37,9 @@ COMFY_ROOTS = frozenset(
 )
 #: Requests that change nothing (no CSRF check for them).
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-_PREFIX = re.compile(r"^/comfy/([^/]+)(/.*)$")
+_PREFIX = re.compile(r"^/comfy/([^/]+)(/.*)?$")
+#: What stands in for a prefix key on a path that is not a ComfyUI route.
+REDACTED = "-"
 
 
 class ComfyKeyPrefix:
@@ -52,17 +54,30 @@ class ComfyKeyPrefix:
             root, path = scope.get("root_path", ""), scope.get("path", "")
             mounted = bool(root) and path.startswith(root)
             match = _PREFIX.match(path[len(root) :] if mounted else path)
-            if match and match.group(2).split("/")[1] in COMFY_ROOTS:
-                key, rest = match.group(1), (root if mounted else "") + match.group(2)
-                headers = [(k, v) for k, v in scope["headers"] if k != b"x-api-key"]
-                if not any(k == b"authorization" for k, _ in headers):
-                    headers.append((b"x-api-key", key.encode("latin-1")))
-                # The raw path keeps its escapes (``userdata/workflows%2Fa.json``): drop the prefix only.
-                raw = scope.get("raw_path") or rest.encode()
-                raw_match = re.match(rb"^(.*?)/comfy/[^/]+(/.*)$", raw)
-                raw = raw_match.group(1) + raw_match.group(2) if raw_match else rest.encode()
-                scope = {**scope, "path": rest, "raw_path": raw, "headers": headers}
+            if match:
+                scope = _without_key(scope, match, root if mounted else "")
         await self.app(scope, receive, send)
+
+
+def _without_key(scope: Scope, match: re.Match[str], root: str) -> Scope:
+    """The scope with the key out of its path: for a ComfyUI route it becomes the ``X-API-Key``;
+    any other path keeps a placeholder (and 404s), so no later layer ever sees the key."""
+    key, rest = match.group(1), match.group(2) or ""
+    # The raw path keeps its escapes (``userdata/workflows%2Fa.json``): drop the prefix only.
+    raw = scope.get("raw_path") or (root + rest).encode()
+    raw_match = re.match(rb"^(.*?)/comfy/[^/]+(/.*)?$", raw)
+    raw_rest = (raw_match.group(2) or b"") if raw_match else rest.encode()
+    raw_root = raw_match.group(1) if raw_match else root.encode()
+    headers = [(k, v) for k, v in scope["headers"] if k != b"x-api-key"]
+    if rest.partition("/")[2].split("/")[0] not in COMFY_ROOTS:
+        return {
+            **scope,
+            "path": f"{root}/comfy/{REDACTED}{rest}",
+            "raw_path": raw_root + b"/comfy/" + REDACTED.encode() + raw_rest,
+        }
+    if not any(k == b"authorization" for k, _ in headers):
+        headers.append((b"x-api-key", key.encode("latin-1")))
+    return {**scope, "path": root + rest, "raw_path": raw_root + raw_rest, "headers": headers}
 
 
 def comfy(request: Request) -> ComfyService:
@@ -103,7 +118,9 @@ async def _json(request: Request, *, empty_ok: bool = False) -> Any:
     if not raw.strip() and empty_ok:
         return {}
     try:
-        return json.loads(raw)
+        return loads(raw)
+    except NonFiniteNumber as exc:
+        raise ComfyError.of(400, exc.code, exc.message, "body") from None
     except ValueError:
         raise ComfyError.of(400, "invalid_json", "The request body is not valid JSON.") from None
 
@@ -148,7 +165,7 @@ async def get_history(
     service: Comfy,
     tenant: Tenant,
     max_items: Annotated[int | None, Query(ge=0)] = None,
-    offset: Annotated[int | None, Query()] = None,
+    offset: Annotated[int | None, Query(le=deps.MAX_QUERY_INT)] = None,
 ) -> dict:
     return await service.history(tenant, max_items=max_items, offset=offset)
 
@@ -233,7 +250,8 @@ async def view(
     preview: str | None = None,
     channel: str | None = None,
 ) -> Response:
-    """A file by ComfyUI name, from S3: the tenant's uploads and generated images only."""
+    """A file by ComfyUI name, from S3: the tenant's uploads and generated images only, served
+    as the image type its bytes are (PNG, JPEG, WebP; never what its name suggests)."""
     if not filename:
         return Response(status_code=404)
     if filename.startswith("/") or ".." in filename or ".." in subfolder.split("/"):
@@ -242,14 +260,16 @@ async def view(
     if found is None:
         return Response(status_code=404)
     data, name = found
-    body, media_type = await asyncio.to_thread(convert_view, data, name, preview, channel)  # Pillow
-    return Response(body, media_type=media_type, headers={"Content-Disposition": f'filename="{name}"'})
+    body, media_type = await asyncio.to_thread(convert_view, data, preview, channel)  # Pillow
+    headers = {"Content-Disposition": protocol.content_disposition(name), "X-Content-Type-Options": "nosniff"}
+    return Response(body, media_type=media_type, headers=headers)
 
 
 @router.post("/upload/image")
 async def upload_image(request: Request, service: Comfy, tenant: Tenant) -> dict:
-    """Multipart ``image`` (+ ``type``, ``subfolder``, ``overwrite``): PNG, JPEG or WebP within the
-    platform's input-image limits; the same name with other bytes becomes ``name (1).png``."""
+    """Multipart ``image`` (+ ``type``, ``subfolder``, ``overwrite``): PNG, JPEG or WebP (by its
+    bytes, decoded in a worker thread) within the platform's input-image limits; the same name
+    with other bytes becomes ``name (1).png``."""
     limit = service.services.config.limits.max_input_image_bytes
     try:
         form = await request.form(max_files=1, max_fields=16, max_part_size=limit + 1024)
@@ -284,8 +304,9 @@ async def get_object_info_node(node_class: str, service: Comfy, tenant: Tenant) 
 
 
 @router.get("/system_stats")
-async def get_system_stats(service: Comfy, tenant: Tenant) -> dict:
-    return await service.system_stats()
+def get_system_stats(service: Comfy, tenant: Tenant) -> dict:
+    """A sync route: FastAPI runs it in its thread pool (it reads /proc and package metadata)."""
+    return service.system_stats()
 
 
 @router.get("/features")
@@ -320,12 +341,20 @@ async def websocket(websocket: WebSocket, clientId: str | None = None) -> None:
         tenant = None
         if key is None:  # a browser: its session cookie, from a page of this host only
             tenant = await asyncio.to_thread(frontend(websocket.app).cookie_tenant, websocket, changes_state=True)
-        if tenant is None:
-            tenant = service.services.tenants.authenticate(key)
+        if tenant is None:  # reads tenant files, hashes the key: a worker thread's work
+            tenant = await asyncio.to_thread(service.services.tenants.authenticate, key)
     except PlatformError as exc:
         await websocket.close(code=1008, reason=f"{exc.code}: {exc.message}"[:120])
         return
-    await service.serve_socket(websocket, tenant, clientId or None)
+    try:
+        stream = streams.open_stream(websocket, tenant)
+    except streams.TooManyStreams as exc:
+        await streams.refuse_socket(websocket, exc)
+        return
+    try:
+        await service.serve_socket(websocket, tenant, clientId or None, stream)
+    finally:
+        stream.close()
 
 
 async def _comfy_error(_: Request, exc: ComfyError) -> ComfyJSONResponse:
@@ -333,9 +362,8 @@ async def _comfy_error(_: Request, exc: ComfyError) -> ComfyJSONResponse:
 
 
 def install(app: FastAPI) -> None:
-    """Mount the routes (bare and under ``/api``), their error shape and the key prefix.
-    Call last: the prefix rewrite must run before every other middleware sees the path."""
+    """Mount the routes (bare and under ``/api``) and their error shape. :class:`ComfyKeyPrefix`
+    is not added here: ``create_api`` runs it before the tracing middleware, first of all."""
     app.include_router(router)
     app.include_router(router, prefix="/api", include_in_schema=False)
     app.add_exception_handler(ComfyError, _comfy_error)
-    app.add_middleware(ComfyKeyPrefix)

@@ -20,6 +20,8 @@ from typing import Any
 from starlette.websockets import WebSocket, WebSocketState
 
 from zimage_platform.api.comfy import protocol
+from zimage_platform.api.streams import Stream, end_socket
+from zimage_platform.errors import PlatformError
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +129,13 @@ class Connection:
     relayed: set[str] = field(default_factory=set)
     tasks: set[asyncio.Task] = field(default_factory=set)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    #: The socket's slot in the tenant's stream cap; its caller is re-checked before each message.
+    stream: Stream | None = None
 
     async def send(self, msg: dict[str, Any]) -> bool:
+        if self.stream is not None and (lost := await self.stream.check()) is not None:
+            await self.lost(lost)
+            return False
         async with self.lock:
             if self.websocket.client_state != WebSocketState.CONNECTED:
                 return False
@@ -137,6 +144,11 @@ class Connection:
             except Exception:  # the client went away mid-send: its reader ends the connection
                 return False
             return True
+
+    async def lost(self, exc: PlatformError) -> None:
+        """The caller lost access (key revoked, tenant suspended, session ended): close with why."""
+        async with self.lock:
+            await end_socket(self.websocket, exc)
 
     def spawn(self, coro) -> None:
         task = asyncio.create_task(coro)

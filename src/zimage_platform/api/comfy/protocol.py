@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from typing import Any
+from urllib.parse import quote
 
 from fastapi.responses import JSONResponse
 
@@ -94,6 +95,15 @@ def history_entry(
         "status": {"status_str": status_str, "completed": completed, "messages": messages},
         "meta": {node: node_meta(node) for node in outputs},
     }
+
+
+def content_disposition(name: str) -> str:
+    """``/view``'s header as ComfyUI writes it (``filename="name"``); a name that is not plain
+    ASCII gets an ASCII fallback and RFC 5987's ``filename*=UTF-8''...`` (headers are Latin-1)."""
+    fallback = "".join(c if " " <= c <= "~" and c not in '"\\' else "_" for c in name)
+    if fallback == name:
+        return f'filename="{name}"'
+    return f'filename="{fallback}"; ' + "filename*=UTF-8''" + quote(name, safe="")
 
 
 def upload_result(name: str, subfolder: str, type_: str) -> dict[str, str]:

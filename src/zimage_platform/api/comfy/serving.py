@@ -13,7 +13,7 @@ import contextlib
 import io
 import json
 import logging
-import mimetypes
+import math
 import platform
 import re
 import secrets
@@ -37,9 +37,10 @@ from zimage_platform.api.frontend.serving import package_version
 from zimage_platform.api.generation import image_limits, submit
 from zimage_platform.api.graphs import NodeRejected, catalog_for, prepare_jobs, split_image_name
 from zimage_platform.api.services import PlatformServices
+from zimage_platform.api.streams import Stream
 from zimage_platform.db import utcnow
 from zimage_platform.errors import PlatformError
-from zimage_platform.pipeline.images import decode_image
+from zimage_platform.pipeline.images import decode_image, sniff_media_type
 from zimage_platform.scheduling.models import TERMINAL, JobRow
 from zimage_platform.scheduling.store import JobFinished, JobNotFound, NewJob
 from zimage_platform.storage.results import sha256_hex
@@ -50,7 +51,7 @@ from zimage_platform.workflows.catalog import MODEL_FOLDERS
 from zimage_platform.workflows.compiler import SAVE_NODES
 from zimage_platform.workflows.models import ComfyFileRow, ComfyPromptRow
 from zimage_platform.workflows.store import ComfyStore, Upload, content_hash
-from zimage_platform.workflows.validation import comfy_error
+from zimage_platform.workflows.validation import StoredTooLarge, check_stored_size, comfy_error
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +172,14 @@ def terminal_message(view: PromptView, stopped_at: str | None = None) -> dict[st
     )
 
 
-def history_entry(view: PromptView) -> dict[str, Any]:
+def queue_item(row: ComfyPromptRow, *, bodies: bool = True) -> list[Any]:
+    """The prompt as ComfyUI's queue tuple; ``bodies=False`` for a row read without its graph
+    and extra_data (they are then empty)."""
+    graph, extra_data = (row.graph, row.extra_data) if bodies else ({}, {})
+    return protocol.queue_item(row.number, row.prompt_id, graph, extra_data, row.outputs_to_execute)
+
+
+def history_entry(view: PromptView, *, bodies: bool = True) -> dict[str, Any]:
     row = view.row
     outputs: dict[str, Any] = {}
     for plan_job, job in zip(row.plan["jobs"], view.jobs, strict=True):
@@ -188,7 +196,7 @@ def history_entry(view: PromptView) -> dict[str, Any]:
     final = terminal_message(view)
     if final is not None:
         messages.append(protocol.history_message(final))
-    item = protocol.queue_item(row.number, row.prompt_id, row.graph, row.extra_data, row.outputs_to_execute)
+    item = queue_item(row, bodies=bodies)
     success = view.state == "success"
     return protocol.history_entry(item, outputs, "success" if success else "error", success, messages)
 
@@ -281,13 +289,37 @@ class ComfyService:
         return len(running) + len(pending)
 
     async def queue_body(self, tenant: TenantSpec) -> dict[str, Any]:
+        """``GET /queue``: running, then pending prompts in queue order, at most
+        ``limits.max_page_items`` of each and ``limits.max_listing_bytes`` of graphs in all
+        (``queue_remaining`` of ``GET /prompt`` still counts every one)."""
         running, pending = await self.queue(tenant)
+        cap = self.services.config.limits.max_page_items
+        listed = {v.row.prompt_id for v in await self._with_bodies(tenant.id, running[:cap] + pending[:cap])}
+        return {
+            "queue_running": [queue_item(v.row) for v in running[:cap] if v.row.prompt_id in listed],
+            "queue_pending": [queue_item(v.row) for v in pending[:cap] if v.row.prompt_id in listed],
+        }
 
-        def item(view: PromptView) -> list[Any]:
-            row = view.row
-            return protocol.queue_item(row.number, row.prompt_id, row.graph, row.extra_data, row.outputs_to_execute)
-
-        return {"queue_running": [item(v) for v in running], "queue_pending": [item(v) for v in pending]}
+    async def _with_bodies(self, tenant_id: str, views: list[PromptView], *, keep_last: bool = False):
+        """``views`` (in order) with their rows read again in full, as many as fit in
+        ``limits.max_listing_bytes`` of graph + extra_data (the first ones, or the last ones with
+        ``keep_last``; always at least one): a listing never holds more than that."""
+        budget = self.services.config.limits.max_listing_bytes
+        ids = [v.row.prompt_id for v in views]
+        sizes = await asyncio.to_thread(self.store.body_sizes, tenant_id, ids)
+        chosen: set[str] = set()
+        for prompt_id in reversed(ids) if keep_last else ids:
+            budget -= sizes.get(prompt_id, 0)
+            if budget < 0 and chosen:
+                break
+            chosen.add(prompt_id)
+        full = {row.prompt_id: row for row in await asyncio.to_thread(self.store.prompts, tenant_id, chosen)}
+        kept = []
+        for view in views:
+            if view.row.prompt_id in full:
+                view.row = full[view.row.prompt_id]
+                kept.append(view)
+        return kept
 
     async def history(
         self,
@@ -307,39 +339,50 @@ class ComfyService:
                 return {}
             return {prompt_id: history_entry(view)}
         await self.queue(tenant)  # record prompts that finished unobserved, so they are listed
-        rows = await asyncio.to_thread(self.store.history, tenant.id, max_items=max_items, offset=offset)
-        return {
-            view.row.prompt_id: history_entry(view)
-            for view in await self._views(rows)
-            if not (view.state == "interrupted" and view.never_started)
-        }
+        limits = self.services.config.limits
+        page = min(limits.history_page_items if max_items is None else max_items, limits.max_page_items)
+        rows = await asyncio.to_thread(self.store.history, tenant.id, max_items=page, offset=offset)
+        views = [v for v in await self._views(rows) if not (v.state == "interrupted" and v.never_started)]
+        # "The last N" keeps the newest within the byte budget; a page from an offset, the first.
+        views = await self._with_bodies(tenant.id, views, keep_last=offset is None or offset < 0)
+        return {view.row.prompt_id: history_entry(view) for view in views}
 
     # -- the jobs API --------------------------------------------------------------------------
 
     async def jobs(
         self, tenant: TenantSpec, statuses: list[str], *, limit: int | None, offset: int, newest_first: bool = True
     ) -> dict[str, Any]:
-        """``GET /api/jobs``: the tenant's prompts as jobs, newest first, one page of them."""
+        """``GET /api/jobs``: the tenant's prompts as jobs, newest first, one page of them
+        (``limits.history_page_items`` by default, at most ``limits.max_page_items``). Rows are
+        read without their graphs; only the page's workflow ids are read from extra_data."""
+        limits = self.services.config.limits
+        limit = min(limits.history_page_items if limit is None else limit, limits.max_page_items)
         found: list[dict[str, Any]] = []
         running, pending = await self.queue(tenant)
         for state, views in (("in_progress", running), ("pending", pending)):
             if state in statuses:
-                found += [self._queued_job(view, state) for view in views]
+                found += [self._queued_job(view, state, bodies=False) for view in views]
         wanted = protocol.HISTORY_STATUSES & set(statuses)
         history_total = 0
         if wanted:
             # Every history status asked for: only the page's window is read (and counted apart).
-            window = offset + limit if limit is not None and wanted == protocol.HISTORY_STATUSES else None
+            window = offset + limit if wanted == protocol.HISTORY_STATUSES else None
             rows = await asyncio.to_thread(self.store.history, tenant.id, max_items=window, offset=None)
             views = [v for v in await self._views(rows) if not (v.state == "interrupted" and v.never_started)]
-            finished = [protocol.finished_job(history_entry(v), protocol.ms(v.row.created_at)) for v in views]
+            finished = [
+                protocol.finished_job(history_entry(v, bodies=False), protocol.ms(v.row.created_at)) for v in views
+            ]
             finished = [job for job in finished if job["status"] in wanted]
             if window is not None:
                 history_total = await asyncio.to_thread(self.store.history_count, tenant.id) - len(finished)
             found += finished
         found.sort(key=lambda job: job["create_time"], reverse=newest_first)
         total = len(found) + history_total
-        page = found[offset:] if limit is None else found[offset : offset + limit]
+        page = found[offset : offset + limit]
+        workflows = await asyncio.to_thread(self.store.workflow_ids, tenant.id, [job["id"] for job in page])
+        for job in page:
+            if workflows.get(job["id"]) is not None:
+                job["workflow_id"] = workflows[job["id"]]
         return {
             "jobs": page,
             "pagination": {
@@ -351,10 +394,9 @@ class ComfyService:
         }
 
     @staticmethod
-    def _queued_job(view: PromptView, status: str, *, detail: bool = False) -> dict[str, Any]:
-        row = view.row
-        item = protocol.queue_item(row.number, row.prompt_id, row.graph, row.extra_data, row.outputs_to_execute)
-        return protocol.queued_job(item, status, protocol.ms(row.created_at), detail=detail)
+    def _queued_job(view: PromptView, status: str, *, detail: bool = False, bodies: bool = True) -> dict[str, Any]:
+        item = queue_item(view.row, bodies=bodies)
+        return protocol.queued_job(item, status, protocol.ms(view.row.created_at), detail=detail)
 
     async def job(self, tenant: TenantSpec, prompt_id: str) -> dict[str, Any] | None:
         """``GET /api/jobs/{id}``: one job with its graph and outputs, or None (not this tenant's)."""
@@ -391,8 +433,10 @@ class ComfyService:
         if "number" in body:
             try:
                 number = float(body["number"])
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 raise ComfyError.of(400, "invalid_prompt", "number must be a number", "number") from None
+            if not math.isfinite(number):
+                raise ComfyError.of(400, "non_finite_number", "number must be a finite number", "number")
         elif body.get("front"):
             number = -number
         if "prompt" not in body:
@@ -408,6 +452,7 @@ class ComfyService:
             raise ComfyError.of(400, "invalid_prompt", "extra_data must be an object and client_id a string")
         extra_data = {**extra_data, **({"client_id": client_id} if client_id is not None else {})}
         graph = body["prompt"]
+        self._check_sizes(graph, extra_data)
         digest = content_hash(graph, client_id)
         if "prompt_id" in body:  # a client's own id may be a retry of an accepted prompt
             existing = await asyncio.to_thread(self.store.prompt, tenant.id, prompt_id)
@@ -451,6 +496,18 @@ class ComfyService:
         if self.sockets.of_tenant(tenant.id):  # after the answer: the POST does not wait for it
             self._background(self._broadcast_status(tenant.id))
         return {"prompt_id": prompt_id, "number": protocol.number_of(number), "node_errors": compiled.node_errors}
+
+    def _check_sizes(self, graph: Any, extra_data: dict[str, Any]) -> None:
+        """A prompt is stored, listed by /queue and /history and written into its PNGs: its
+        graph and extra_data are capped (413, the reason as the error's type)."""
+        limits = self.services.config.limits
+        try:
+            check_stored_size(graph, param="prompt", max_bytes=limits.max_graph_bytes, max_nodes=limits.max_graph_nodes)
+            check_stored_size(
+                extra_data, param="extra_data", max_bytes=limits.max_extra_data_bytes, code="extra_data_too_large"
+            )
+        except StoredTooLarge as exc:
+            raise ComfyError.from_platform(exc) from None
 
     def _background(self, coro) -> None:
         task = asyncio.create_task(coro)
@@ -616,9 +673,11 @@ class ComfyService:
         except PlatformError as exc:
             status = 413 if exc.code == "image_too_large" else 400
             raise ComfyError(status, ComfyError.from_platform(exc).body) from None
+        content_type = sniff_media_type(data)  # what Pillow read it as, never the file name's guess
+        if content_type is None:
+            raise ComfyError.of(400, "image_format_unsupported", "the upload is not a PNG, JPEG or WebP image", "image")
         digest = sha256_hex(data)
         key = f"tenants/{tenant.id}/comfy/{type_}/{digest}"
-        content_type = mimetypes.guess_type(filename)[0] or "application/octet-stream"
         await asyncio.to_thread(self.services.results.put_bytes, key, data, content_type, {"tenant-id": tenant.id})
         upload = Upload(type_, subfolder, filename, key, digest, *image.size)
         name = await asyncio.to_thread(self.store.save_upload, tenant.id, upload, overwrite=overwrite)
@@ -661,7 +720,8 @@ class ComfyService:
             "max_upload_size": self.services.config.limits.max_input_image_bytes,
         }
 
-    async def system_stats(self) -> dict[str, Any]:
+    def system_stats(self) -> dict[str, Any]:
+        """Reads /proc and packages' metadata on disk: call it from a worker thread."""
         memory = psutil.virtual_memory()
         config = self.services.config
         torch_version = package_version("torch")
@@ -704,14 +764,20 @@ class ComfyService:
 
     # -- the WebSocket --------------------------------------------------------------------------
 
-    async def serve_socket(self, websocket: WebSocket, tenant: TenantSpec, client_id: str | None) -> None:
+    async def serve_socket(
+        self, websocket: WebSocket, tenant: TenantSpec, client_id: str | None, stream: Stream | None = None
+    ) -> None:
+        """``stream``: the socket's slot, whose caller is re-checked before each message and
+        between messages; the socket closes (1008, with the reason) once access is gone."""
         await websocket.accept()
-        conn = Connection(websocket, tenant.id, client_id or uuid.uuid4().hex, utcnow())
+        conn = Connection(websocket, tenant.id, client_id or uuid.uuid4().hex, utcnow(), stream=stream)
         previous = self.sockets.register(conn)
         if previous is not None:
             await previous.close()
         try:
             await conn.send(protocol.status(await self.remaining(tenant), conn.sid))
+            if stream is not None:
+                conn.spawn(stream.watch(conn.lost))
             conn.spawn(self._watch(conn))
             first = True
             while True:
@@ -827,10 +893,15 @@ def _check_path(subfolder: str) -> None:
         raise ComfyError.of(400, "invalid_subfolder", "subfolder must stay inside the folder (no '..')", "subfolder")
 
 
-def convert_view(data: bytes, name: str, preview: str | None, channel: str | None) -> tuple[bytes, str]:
-    """``/view``'s ``preview=webp;90`` and ``channel=rgb|a`` conversions (as ComfyUI)."""
+def convert_view(data: bytes, preview: str | None, channel: str | None) -> tuple[bytes, str]:
+    """``/view``'s ``preview=webp;90`` and ``channel=rgb|a`` conversions (as ComfyUI). Only
+    images are served, as their bytes' type: anything else (a file stored before uploads were
+    checked) is refused rather than sent as whatever its name says (HTML, SVG...)."""
+    media_type = sniff_media_type(data)
+    if media_type is None:
+        raise ComfyError.of(415, "not_an_image", "the file is not a PNG, JPEG or WebP image", "filename")
     if preview is None and channel in (None, "rgba"):
-        return data, mimetypes.guess_type(name)[0] or "application/octet-stream"
+        return data, media_type
     with Image.open(io.BytesIO(data)) as img:
         img.load()
         out = io.BytesIO()

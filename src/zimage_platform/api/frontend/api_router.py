@@ -114,7 +114,8 @@ async def template(name: str) -> Response:
 
 
 @comfy_routes.get("/extensions")
-async def extensions(request: Request, tenant: Tenant) -> list:
+def extensions(request: Request, tenant: Tenant) -> list:
+    """A sync route (FastAPI's thread pool): it walks the frontend's folder on disk."""
     return frontend(request.app).extensions()
 
 

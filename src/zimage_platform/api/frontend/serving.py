@@ -218,11 +218,16 @@ class FrontendService:
     def tenant_of(self, token: str) -> TenantSpec:
         """The tenant of a live session whose key is still good; a revoked key or suspended
         tenant ends it (401/403 with the registry's reason)."""
+        return self.session_of(token)[0]
+
+    def session_of(self, token: str) -> tuple[TenantSpec, str]:
+        """:meth:`tenant_of` and the id of the session's key (open streams re-check that key
+        on every event without reading the session row)."""
         row = self.sessions.get(token)
         if row is None:
             raise AuthError("the browser session has expired or was ended: log in again", code="session_expired")
         try:
-            return self.services.tenants.key_holder(row.key_id)
+            return self.services.tenants.key_holder(row.key_id), row.key_id
         except AuthError:  # the key is gone for good: so is every session opened with it
             self.sessions.end_key(row.key_id)
             raise

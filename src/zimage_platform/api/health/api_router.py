@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 from fastapi import APIRouter
@@ -17,6 +18,8 @@ from zimage_platform.telemetry.metrics import metrics
 class NotFound(PlatformError):
     status = 404
 
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(tags=["health"])
 
@@ -39,29 +42,41 @@ async def prometheus_metrics() -> PlainTextResponse:
 @router.get("/readyz")
 async def readyz(services: Services) -> JSONResponse:
     """Ready when every variant has a loaded engine (or a pool that scales up from zero for it)
-    and the database and S3 answer."""
-    checks: dict[str, Any] = {}
+    and the database and S3 answer. Unauthenticated, so it says only ``ok``/``fail`` per check
+    and a reason code for each failure; what failed, and why, goes to the log."""
+    checks: dict[str, str] = {}
+    reasons: dict[str, str] = {}
+
+    def failed(check: str, reason: str, detail: object, level: int = logging.WARNING) -> None:
+        checks[check], reasons[check] = "fail", reason
+        log.log(level, "readyz: %s failed (%s): %s", check, reason, detail)
+
     try:
         await asyncio.to_thread(_db_ping, services)
         checks["database"] = "ok"
     except Exception as exc:
-        checks["database"] = f"error: {exc}"
+        failed("database", "database_unreachable", exc)
     try:
         await asyncio.to_thread(services.results.head, "readyz-probe")
         checks["s3"] = "ok"
     except Exception as exc:
-        checks["s3"] = f"error: {exc}"
+        failed("s3", "s3_unreachable", exc)
     try:
         status = await asyncio.wait_for(services.scheduler.status(), timeout=5)
-        missing = unserved_variants(status["pools"])
-        checks["engines"] = "ok" if not missing else f"no engine loaded for {missing}"
-        checks["pools"] = status["pools"]
     except Exception as exc:
-        checks["engines"] = f"error: scheduler unreachable ({exc})"
-    ready = all(checks[k] == "ok" for k in ("database", "s3", "engines"))
-    return JSONResponse(
-        {"status": "ready" if ready else "not_ready", "checks": checks}, status_code=200 if ready else 503
-    )
+        failed("engines", "scheduler_unreachable", exc)
+    else:
+        missing = unserved_variants(status["pools"])
+        if missing:
+            # Expected while engines load: not a warning.
+            failed("engines", "engines_not_loaded", f"no engine loaded for {missing}", logging.INFO)
+        else:
+            checks["engines"] = "ok"
+    ready = not reasons
+    body: dict[str, Any] = {"status": "ready" if ready else "not_ready", "checks": checks}
+    if reasons:
+        body["reasons"] = reasons
+    return JSONResponse(body, status_code=200 if ready else 503)
 
 
 def unserved_variants(pools: dict[str, Any]) -> list[str]:

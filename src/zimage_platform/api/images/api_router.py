@@ -4,21 +4,31 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, UploadFile
+from fastapi import APIRouter, File, Form, Header, UploadFile
 
-from zimage_platform.api.body import parse_model
+from zimage_platform.api.body import StrictJSONRoute, parse_model
 from zimage_platform.api.deps import Services, Tenant, Trace
 from zimage_platform.api.images import serving
 from zimage_platform.api.images.protocol import ImageGenerationRequest, ImagesResponse
 from zimage_platform.errors import InvalidRequest
 
-router = APIRouter(prefix="/v1/images", tags=["images (OpenAI-compatible)"])
+router = APIRouter(prefix="/v1/images", tags=["images (OpenAI-compatible)"], route_class=StrictJSONRoute)
+
+
+#: Same key + same body → the same images (the earlier job's, not generated again); another body → 409.
+IdempotencyKey = Annotated[str | None, Header(max_length=255)]
 
 
 @router.post("/generations", response_model=ImagesResponse, response_model_exclude_none=True)
-async def create_images(body: ImageGenerationRequest, services: Services, tenant: Tenant, trace: Trace) -> dict:
+async def create_images(
+    body: ImageGenerationRequest,
+    services: Services,
+    tenant: Tenant,
+    trace: Trace,
+    idempotency_key: IdempotencyKey = None,
+) -> dict:
     """Synchronous text-to-image, wire-compatible with OpenAI's ``POST /v1/images/generations``."""
-    return await serving.generate(services, tenant, body, trace)
+    return await serving.generate(services, tenant, body, trace, idempotency_key=idempotency_key)
 
 
 @router.post("/edits", response_model=ImagesResponse, response_model_exclude_none=True)
@@ -37,6 +47,7 @@ async def edit_images(
     steps: Annotated[int | None, Form()] = None,
     guidance: Annotated[float | None, Form()] = None,
     strength: Annotated[str | None, Form()] = None,
+    idempotency_key: IdempotencyKey = None,
 ) -> dict:
     """OpenAI's ``images.edit``: the Edit variant (img2img with ``strength`` on this checkpoint)."""
     limit = services.config.limits.max_input_image_bytes
@@ -58,5 +69,11 @@ async def edit_images(
         },
     )
     return await serving.generate(
-        services, tenant, request, trace, image=data, strength=serving.edit_strength(strength)
+        services,
+        tenant,
+        request,
+        trace,
+        image=data,
+        strength=serving.edit_strength(strength),
+        idempotency_key=idempotency_key,
     )

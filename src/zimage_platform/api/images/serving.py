@@ -52,9 +52,12 @@ async def generate(
     *,
     image: bytes | None = None,
     strength: float | None = None,
+    idempotency_key: str | None = None,
 ) -> dict[str, Any]:
     variant = variant_for(services, request.model, request.variant)
-    input_image, input_key = store_input_image(services, tenant, image) if image is not None else (None, None)
+    input_image, input_key = (
+        await asyncio.to_thread(store_input_image, services, tenant, image) if image is not None else (None, None)
+    )
     params = params_from(
         request,
         size=None if request.size in (None, "auto") else request.size,
@@ -62,7 +65,8 @@ async def generate(
         strength=strength,
     )
     source = "openai"
-    job = prepare_job(
+    job = await asyncio.to_thread(  # the content policy may write an audit row
+        prepare_job,
         services,
         tenant,
         variant,
@@ -70,7 +74,8 @@ async def generate(
         source=source,
         trace=trace,
         input_key=input_key,
-        body_hash=request_hash(request.model_dump(mode="json"), image),
+        idempotency_key=idempotency_key,
+        body_hash=request_hash({**request.model_dump(mode="json"), "strength": strength}, image),
     )
     inline = request.response_format != "url"
     submitted = await submit_and_wait(services, tenant, job, inline=inline)

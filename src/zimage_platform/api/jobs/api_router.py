@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from sse_starlette.sse import EventSourceResponse
 
-from zimage_platform.api.body import json_or_multipart
+from zimage_platform.api.body import StrictJSONRoute, json_or_multipart
 from zimage_platform.api.deps import Services, Tenant, Trace
 from zimage_platform.api.jobs import serving
 from zimage_platform.api.jobs.protocol import Job, JobList, JobRequest
+from zimage_platform.api.streams import event_stream
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], route_class=StrictJSONRoute)
 
 _REQUEST_BODY = {
     "requestBody": {
@@ -62,7 +64,7 @@ async def create_job(
 
 
 @router.get("", response_model=JobList)
-async def list_jobs(
+def list_jobs(
     services: Services,
     tenant: Tenant,
     status: Annotated[str | None, Query(pattern="^(queued|running|succeeded|failed|cancelled)$")] = None,
@@ -72,21 +74,24 @@ async def list_jobs(
 
 
 @router.get("/{job_id}", response_model=Job)
-async def get_job(job_id: str, services: Services, tenant: Tenant) -> dict:
-    """Status, per-image presigned URLs, seeds, per-stage timings, trace id, errors with reasons."""
+def get_job(job_id: str, services: Services, tenant: Tenant) -> dict:
+    """Status, per-image presigned URLs, seeds, per-stage timings, trace id, errors with reasons.
+    (Sync routes run in FastAPI's thread pool: their store reads never stall the event loop.)"""
     return serving.get_job(services, tenant, job_id)
 
 
 @router.get("/{job_id}/events", response_class=EventSourceResponse)
 async def job_events(
     job_id: str,
+    request: Request,
     services: Services,
     tenant: Tenant,
     last_event_id: Annotated[int, Header(alias="Last-Event-ID")] = 0,
 ) -> EventSourceResponse:
-    """Server-sent events: ``queued`` (position), ``started``, ``progress`` (step/total), terminal."""
-    services.store.get(job_id, tenant.id)  # another tenant's job: 404 before the stream starts
-    return EventSourceResponse(serving.job_events(services, tenant, job_id, last_event_id), ping=15)
+    """Server-sent events: ``queued`` (position), ``started``, ``progress`` (step/total), terminal;
+    ``closed`` (with the error) if the key is revoked or the tenant suspended meanwhile."""
+    await asyncio.to_thread(services.store.get, job_id, tenant.id)  # another tenant's job: 404 before the stream
+    return event_stream(request, tenant, serving.job_events(services, tenant, job_id, last_event_id))
 
 
 @router.post("/{job_id}/cancel", response_model=Job)

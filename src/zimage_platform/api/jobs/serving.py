@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -54,8 +55,11 @@ async def create_job(
         else None
     )
     body_hash = request_hash(request.model_dump(mode="json"), data)
-    image, input_key = store_input_image(services, tenant, data) if data is not None else (None, None)
-    job = prepare_job(
+    image, input_key = (
+        await asyncio.to_thread(store_input_image, services, tenant, data) if data is not None else (None, None)
+    )
+    job = await asyncio.to_thread(  # the content policy may write an audit row
+        prepare_job,
         services,
         tenant,
         request.variant,
@@ -72,6 +76,7 @@ async def create_job(
 
 
 def get_job(services: PlatformServices, tenant: TenantSpec, job_id: str) -> dict[str, Any]:
+    """Reads the job store: call it from a worker thread (or a sync route), never on the loop."""
     return job_view(services, services.store.get(job_id, tenant.id))
 
 
@@ -83,7 +88,7 @@ def list_jobs(services: PlatformServices, tenant: TenantSpec, status: str | None
 
 async def cancel_job(services: PlatformServices, tenant: TenantSpec, job_id: str) -> dict[str, Any]:
     await services.scheduler.cancel(job_id, tenant.id)
-    return get_job(services, tenant, job_id)
+    return await asyncio.to_thread(get_job, services, tenant, job_id)
 
 
 async def job_events(services: PlatformServices, tenant: TenantSpec, job_id: str, after: int) -> AsyncIterator[dict]:
@@ -96,5 +101,5 @@ async def job_events(services: PlatformServices, tenant: TenantSpec, job_id: str
         if "pass_" in event:
             event["pass"] = event.pop("pass_")
         if event_type in ("succeeded", "failed", "cancelled"):
-            event["job"] = get_job(services, tenant, job_id)
+            event["job"] = await asyncio.to_thread(get_job, services, tenant, job_id)
         yield {"event": event_type, "id": str(seq), "data": json.dumps({"job_id": job_id, **event}, default=str)}

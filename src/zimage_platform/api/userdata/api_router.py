@@ -106,8 +106,11 @@ async def get_userdata(request: Request, tenant: Tenant) -> Response:
     row = await _guarded(userdata(request.app).store.read, tenant.id, parts[0])
     if row is None:
         return Response(status_code=404)
-    media_type = mimetypes.guess_type(row.path)[0] or "application/octet-stream"
-    return Response(row.data, media_type=media_type, headers={"Cache-Control": "no-cache"})
+    media_type = mimetypes.guess_type(row.path)[0]
+    if media_type not in protocol.SERVED_TYPES:  # never HTML, SVG or script from the platform's origin
+        media_type = "application/octet-stream"
+    headers = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}
+    return Response(row.data, media_type=media_type, headers=headers)
 
 
 @router.post("/userdata/{path:path}", response_model=None)

@@ -8,6 +8,9 @@ from zimage_platform.browser import UserFileRow
 
 #: Where ComfyUI keeps a user's settings, among the user's files.
 SETTINGS_FILE = "comfy.settings.json"
+#: Types a user file is served as when its name says so (the frontend reads them with fetch);
+#: any other file is ``application/octet-stream``, so no upload runs as a page of this origin.
+SERVED_TYPES = frozenset({"application/json", "text/plain", "text/csv", "image/png", "image/jpeg", "image/webp"})
 
 
 def file_info(row: UserFileRow, relative_to: str = "") -> dict[str, Any]:

@@ -7,13 +7,14 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 
-from zimage_platform.api.deps import Tenant, Trace
+from zimage_platform.api.body import StrictJSONRoute
+from zimage_platform.api.deps import MAX_QUERY_INT, Tenant, Trace
 from zimage_platform.api.errors import error_response
 from zimage_platform.api.jobs.protocol import Job
 from zimage_platform.api.workflows.protocol import Workflow, WorkflowList, WorkflowPut, WorkflowRun
 from zimage_platform.api.workflows.serving import WorkflowInvalid, WorkflowService
 
-router = APIRouter(prefix="/v1/workflows", tags=["workflows"])
+router = APIRouter(prefix="/v1/workflows", tags=["workflows"], route_class=StrictJSONRoute)
 
 
 def _service(request: Request) -> WorkflowService:
@@ -46,7 +47,7 @@ async def put_workflow(name: str, body: WorkflowPut, request: Request, response:
 
 @router.get("/{name}", response_model=Workflow)
 async def get_workflow(
-    name: str, request: Request, tenant: Tenant, version: Annotated[int | None, Query(ge=1)] = None
+    name: str, request: Request, tenant: Tenant, version: Annotated[int | None, Query(ge=1, le=MAX_QUERY_INT)] = None
 ) -> dict:
     return await _service(request).get(tenant, name, version)
 

@@ -29,6 +29,7 @@ from zimage_platform.workflows import NODES, CompiledPrompt, PromptRejected, com
 from zimage_platform.workflows.models import WorkflowRow
 from zimage_platform.workflows.store import ComfyStore, WorkflowNotFound, WorkflowStore
 from zimage_platform.workflows.ui_format import is_ui_workflow, ui_to_api
+from zimage_platform.workflows.validation import check_stored_size
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _TYPES = {"INT": "int", "FLOAT": "float", "STRING": "string", "COMBO": "string", "BOOLEAN": "bool"}
@@ -215,10 +216,13 @@ class WorkflowService:
     async def put(self, tenant: TenantSpec, name: str, body: WorkflowPut) -> tuple[dict[str, Any], bool]:
         """Validate (parameters name widget inputs; the graph compiles to one job), then version."""
         _check_name(name)
-        catalog = await catalog_for(self.services, tenant, self.files)
+        limits = self.services.config.limits
         graph = body.graph
+        check_stored_size(graph, param="graph", max_bytes=limits.max_graph_bytes)  # 413 graph_too_large
+        catalog = await catalog_for(self.services, tenant, self.files)
         if is_ui_workflow(graph):  # as ComfyUI saves it: convert as its frontend does, keep the API graph
             graph = await asyncio.to_thread(ui_to_api, graph, object_info(catalog))
+        check_stored_size(graph, param="graph", max_bytes=limits.max_graph_bytes, max_nodes=limits.max_graph_nodes)
         parameters = check_parameters(graph, body.parameters)
         fed = {(p[0], p[2]): n for n, spec in body.parameters.items() for p in spec.targets()}
         compile_one(self.services, graph, catalog, fed)
