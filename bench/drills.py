@@ -894,6 +894,8 @@ async def run_drill(drill: Drill, stage: Stage, options: Options) -> DrillResult
     result.load = load.summary() | {"drained": drained}
     result.invariants = check(obs)
     result.recovery_s, result.drain_s = recovery(done_at, obs.acks, obs.jobs, fault, drill.recovery_signal)
+    if not drained:  # a terminal webhook never acknowledged (or a job still open): not drained
+        result.drain_s = None
     result.jobs_in_flight = {j: in_flight(obs.jobs.get(j), fault) for j in fault.notes.get("jobs_in_flight", [])}
     log(f"[{drill.name}] {result.verdict}")
     return result
@@ -1084,7 +1086,7 @@ def markdown(data: dict[str, Any]) -> str:
                 r.value("audit"),
                 r.value("unexplained_5xx"),
                 fmt_num(r.recovery_s, ".1f", " s"),
-                fmt_num(r.drain_s, ".1f", " s"),
+                fmt_num(r.drain_s if r.load.get("drained", True) else None, ".1f", " s"),
                 f"{refused}/{r.load.get('sent', 0)}" if r.load else "–",
                 f"**{r.verdict}**",
             ]

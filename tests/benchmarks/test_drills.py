@@ -117,6 +117,8 @@ def test_the_report_renders_from_the_json():
     assert "| engine-kill | engine replica SIGKILLed mid-batch | 7+2 | 0 | 0 | 0 | 3 / 3 / 3 | 1/1 | 0 | 0 |" in text
     assert "**PASS**" in text and "**ERROR**" in text and "RuntimeError: boom" in text
     assert DrillResult.from_json(result.to_json()).verdict == "PASS"
+    result.load["drained"] = False  # a terminal webhook never acknowledged: no drain time to show
+    assert "| 4.2 s | n/a |" in markdown({"meta": data["meta"], "drills": [result.to_json()]})
 
 
 def test_the_receiver_acknowledges_refuses_and_hangs_on_demand():
