@@ -28,7 +28,7 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -43,6 +43,7 @@ from bench.common import (
     generation_body,
     log,
     markdown_table,
+    open_loop,
     percentile,
     read_job_times,
     read_json,
@@ -51,6 +52,9 @@ from bench.common import (
     wait_all_ready,
     write_json,
 )
+
+if TYPE_CHECKING:
+    import httpx
 
 CLASSES = ("realtime", "standard", "bulk")
 POOL = "cpu"
@@ -107,15 +111,7 @@ def schedule(rates: dict[str, float], duration: float, max_requests: int, seed: 
 
 
 async def _open_loop(url: str, keys: dict[str, str], size: str, plan: list[tuple[float, str]]) -> list[dict[str, Any]]:
-    import httpx
-
-    limits = httpx.Limits(max_connections=len(plan) + 1, max_keepalive_connections=64)
-    start = time.perf_counter()
-    samples: list[dict[str, Any]] = []
-
-    async def one(i: int, at: float, cls: str, http: httpx.AsyncClient) -> None:
-        await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
-        sent = time.perf_counter() - start
+    async def send(http: httpx.AsyncClient, i: int, cls: str) -> dict[str, Any]:
         response, _, latency = await timed_post(
             http,
             f"{url}/v1/images/generations",
@@ -124,11 +120,10 @@ async def _open_loop(url: str, keys: dict[str, str], size: str, plan: list[tuple
         )
         status = response.status_code if response is not None else 0
         job = response.json().get("job_id") if status == 200 else None
-        samples.append({"class": cls, "at": at, "sent": sent, "latency_s": latency, "status": status, "job_id": job})
+        return {"latency_s": latency, "status": status, "job_id": job}
 
-    async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S, limits=limits) as http:
-        await asyncio.gather(*(one(i, at, cls, http) for i, (at, cls) in enumerate(plan)))
-    return samples
+    answers = await open_loop(plan, send, timeout_s=REQUEST_TIMEOUT_S)
+    return [{"class": cls, "at": at, "sent": sent, **a} for (at, cls), (sent, a) in zip(plan, answers, strict=True)]
 
 
 def bench_config(config_path: Path | None, max_wait_ms: float) -> Any:

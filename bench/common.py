@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -830,3 +831,77 @@ def read_job_times(config: PlatformConfig, job_ids: list[str]) -> dict[str, JobT
     finally:
         engine.dispose()
     return found
+
+
+# -- open-loop load and what became of it -------------------------------------------------------
+
+
+async def open_loop(
+    schedule: list[tuple[float, Any]],
+    send: Callable[[httpx.AsyncClient, int, Any], Awaitable[Any]],
+    *,
+    timeout_s: float = REQUEST_TIMEOUT_S,
+) -> list[tuple[float, Any]]:
+    """Open loop: ``send(http, index, item)`` for each ``(at, item)`` of ``schedule``, ``at``
+    seconds after the start, whether or not earlier requests have been answered (arrivals do not
+    wait for the system, unlike closed-loop clients). Returns ``(sent, result)`` in schedule
+    order, ``sent`` in seconds from the start."""
+    import httpx
+
+    limits = httpx.Limits(max_connections=len(schedule) + 1, max_keepalive_connections=64)
+    start = time.perf_counter()
+
+    async def one(http: httpx.AsyncClient, index: int, at: float, item: Any) -> tuple[float, Any]:
+        await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
+        sent = time.perf_counter() - start
+        return sent, await send(http, index, item)
+
+    async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as http:
+        return list(await asyncio.gather(*(one(http, i, at, item) for i, (at, item) in enumerate(schedule))))
+
+
+@dataclass
+class TenantOutcomes:
+    """Every job of some tenants as the job store and the ledger have them."""
+
+    #: Job id → status.
+    jobs: dict[str, str]
+    images_requested: int
+    images_done: int
+    ledger_rows: int
+
+    @property
+    def open(self) -> int:
+        return sum(1 for s in self.jobs.values() if s not in ("succeeded", "failed", "cancelled"))
+
+
+def tenant_outcomes(config: PlatformConfig, tenants: list[str]) -> TenantOutcomes:
+    """Jobs, images done and ledger rows of ``tenants`` in the app's database (nothing accepted may
+    be lost: every job row is an accepted job, and each delivered image is one ledger row)."""
+    from sqlalchemy import func, select
+
+    from zimage_platform.billing.ledger import LedgerEntryRow
+    from zimage_platform.db import create_db_engine, session_factory
+    from zimage_platform.scheduling.models import JobImageRow, JobRow
+
+    engine = create_db_engine(config.database_url)
+    try:
+        with session_factory(engine)() as s:
+            rows = s.execute(select(JobRow.id, JobRow.status, JobRow.n).where(JobRow.tenant_id.in_(tenants))).all()
+            done = s.scalar(
+                select(func.count())
+                .select_from(JobImageRow)
+                .join(JobRow, JobRow.id == JobImageRow.job_id)
+                .where(JobRow.tenant_id.in_(tenants), JobImageRow.status == "done")
+            )
+            ledger = s.scalar(
+                select(func.count()).select_from(LedgerEntryRow).where(LedgerEntryRow.tenant_id.in_(tenants))
+            )
+    finally:
+        engine.dispose()
+    return TenantOutcomes(
+        jobs={job: status for job, status, _ in rows},
+        images_requested=sum(n for _, _, n in rows),
+        images_done=done or 0,
+        ledger_rows=ledger or 0,
+    )

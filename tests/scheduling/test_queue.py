@@ -150,6 +150,36 @@ def test_dispatch_respects_capacity_and_is_late_bound():
     assert ids(second.items) == ["s3"]
 
 
+def test_each_batch_is_placed_on_a_replica_whose_engine_is_free():
+    """Serve's router sees a replica storing its last batch's images (engine free) and one whose
+    engine runs a batch as equally busy; the dispatcher does not: a batch goes to the replica
+    with the most free engine slots, and a released engine takes the next batch at once."""
+    d = Dispatcher(pools())
+    d.set_replicas("std", "turbo", {"a": 1, "b": 1})
+    assert d.capacity[("std", "turbo")] == 2
+    placed = []
+    for n in range(2):
+        d.submit(item(f"s{n}", at=0.0))
+        batch, _ = d.next_batch(now=0.0)
+        placed.append(batch)
+    assert [b.replica for b in placed] == ["a", "b"]
+    d.done(placed[0])  # a's engine is free; a still stores the batch's images (Serve counts it)
+    d.submit(item("s2", at=0.1))
+    third, _ = d.next_batch(now=0.1)
+    assert third.replica == "a"  # not b, whose engine is still busy
+    d.set_replicas("std", "turbo", {"a": 1, "b": 1, "c": 2})  # a new replica with two slots
+    d.submit(item("s3", at=0.2, key=K128))
+    d.submit(item("s4", at=0.2))
+    fourth, _ = d.next_batch(now=0.2)
+    fifth, _ = d.next_batch(now=0.2)
+    assert (fourth.replica, fifth.replica) == ("c", "c")
+    assert d.held[("std", "turbo")] == {"a": 1, "b": 1, "c": 2}
+    d.set_capacity("std", "base", 1)  # replicas not known one by one: Serve's router chooses
+    d.submit(item("base", at=0.3, key=KBASE))
+    unplaced, _ = d.next_batch(now=0.3)
+    assert unplaced.variant == "base" and unplaced.replica is None
+
+
 def test_idle_higher_pool_borrows_lower_work_but_not_while_its_own_class_waits():
     d = Dispatcher(pools())
     d.set_capacity("rt", "turbo", 1)

@@ -200,6 +200,27 @@ def test_autoscaler_waits_its_delays_and_replicas_start_later():
     assert scaler.observe(101, 1) == -3 and scaler.total == 1
 
 
+def test_from_zero_one_replica_starts_at_once_and_the_rest_once_it_reports():
+    """As on Serve (bench autoscale): with no replica serving, the policy sees the scheduler's one
+    wake-up call, not the queue; the queue's size shows once a replica serves, then the delay."""
+    scaler = ReplicaAutoscaler(
+        AutoscalingConfig(min_replicas=0, max_replicas=4, upscale_delay_s=5, downscale_delay_s=30, look_back_s=1e-3),
+        slots=1,
+        startup_s=30,
+    )
+    assert scaler.total == 0
+    scaler.observe(0, 6)
+    assert (scaler.ready, scaler.total) == (0, 1)  # at once, but one
+    scaler.observe(20, 6)
+    assert scaler.total == 1  # still starting: nothing reports the queue
+    assert scaler.promote(30) == 1
+    scaler.observe(31, 6)
+    scaler.observe(35, 6)
+    assert scaler.total == 1  # the upscale delay runs from when the queue showed
+    scaler.observe(36, 6)
+    assert (scaler.ready, scaler.total) == (1, 4)
+
+
 def test_compute_model_matches_the_stated_flops():
     config = load_config(H800)
     model = ComputeModel.from_file(LATENCY, config)

@@ -27,6 +27,12 @@ def running_replicas(name: str) -> int:
     return deployment.replica_states.get(ReplicaState.RUNNING, 0) if deployment else 0
 
 
+def scheduler_status() -> dict:
+    from ray import serve
+
+    return serve.get_deployment_handle("Scheduler", APP).status.remote().result()
+
+
 def wait_for(condition, timeout_s: float, what: str) -> float:
     start = time.monotonic()
     while time.monotonic() - start < timeout_s:
@@ -112,6 +118,10 @@ def test_a_flood_adds_replicas_and_idleness_removes_them(elastic):
     ids = submit(url, keys["standard"], 40, size="512x512")  # ~40 s of work for one replica
     up = wait_for(lambda: running_replicas(engine) == 3, 120, "scaling up to 3 replicas")
     wait_for(lambda: all_done(url, keys["standard"], ids), 300, "the flood finishing")
+    # Every batch ran on the replica the scheduler placed it on (one whose engine was free), not
+    # where Serve's default router would have sent it.
+    status = scheduler_status()
+    assert status["batches_placed"] >= len(ids) // 2 and status["batches_rerouted"] == 0, status
     down = wait_for(lambda: running_replicas(engine) == 1, 120, "scaling back down to 1 replica")
     print(f"3 replicas {up:.1f}s after the flood began; back to 1 {down:.1f}s after it drained")
 

@@ -154,7 +154,12 @@ class ReplicaAutoscaler:
     :class:`QueueAwarePolicy`: the same :func:`desired_replicas` on the work averaged over
     ``look_back_s``; a change up (down) applied once it has been wanted continuously for
     ``upscale_delay_s`` (``downscale_delay_s``), at once from zero; a new replica serves only
-    after ``startup_s`` (pod scheduling, engine load and warm-up)."""
+    after ``startup_s`` (pod scheduling, engine load and warm-up).
+
+    While no replica serves, none reports the queue: the policy sees only the scheduler's one
+    wake-up call waiting at the handle, so a deployment at zero gets one replica (or its floor)
+    at once and the rest once that one serves and reports, after the delay (as measured on
+    Serve by ``python -m bench autoscale``)."""
 
     def __init__(
         self,
@@ -199,6 +204,8 @@ class ReplicaAutoscaler:
         """Record the deployment's work (``batches`` in flight and queued) at ``now``; apply a
         change once its delay has passed. Returns the change in *serving* replicas (negative:
         stop that many now)."""
+        if not self.ready:  # nothing reports: the policy sees the wake-up call, not the queue
+            batches = min(batches, 1.0)
         self._samples.append((now, batches))
         self._sum += batches
         while self._samples and now - self._samples[0][0] > self.config.look_back_s:

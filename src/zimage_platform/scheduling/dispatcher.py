@@ -9,6 +9,11 @@ Borrowing: a pool whose own queue is empty lends its free engines to the queues 
 serve lower classes. It never takes work while its own class waits, and a pool's own engines
 serve its own queue before anyone else's. A pool may cap the batches it runs on loan
 (``lend_max_batch``), so its own class never waits behind a long borrowed batch.
+
+Placement: when the replicas of an engine deployment are known one by one (their heartbeats),
+each batch names the replica it goes to: the one with the most free engine slots. Serve's own
+router cannot tell a replica whose engine is free (it is only storing its last batch's images)
+from one whose engine is busy, and would queue a batch behind a busy engine while another idles.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from __future__ import annotations
 import itertools
 import math
 import secrets
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -108,6 +113,10 @@ class Dispatcher:
         self._pool_of_class = {c: p.name for p in self.pools for c in p.classes}
         self.capacity: dict[tuple[str, str], int] = {}
         self.inflight: dict[tuple[str, str], int] = {}
+        #: Live replicas of each engine deployment and their batch slots (when known one by one),
+        #: and the engine slots each replica's batches hold.
+        self.replicas: dict[tuple[str, str], dict[str, int]] = {}
+        self.held: dict[tuple[str, str], dict[str, int]] = {}
         self._ids = itertools.count(1)
         self._prefix = secrets.token_hex(4)
 
@@ -140,11 +149,37 @@ class Dispatcher:
         self.capacity[(pool, variant)] = batches
         self.inflight.setdefault((pool, variant), 0)
 
+    def set_replicas(self, pool: str, variant: str, slots: Mapping[str, int]) -> None:
+        """The live replicas of an engine deployment and their batch slots: the capacity is their
+        sum, and each batch is placed on one of them (:attr:`Batch.replica`)."""
+        self.replicas[(pool, variant)] = dict(slots)
+        self.set_capacity(pool, variant, sum(slots.values()))
+
     def free(self, pool: str, variant: str) -> int:
         return self.capacity.get((pool, variant), 0) - self.inflight.get((pool, variant), 0)
 
     def done(self, batch: Batch) -> None:
-        self.inflight[(batch.pool, batch.variant)] -= 1
+        """The batch's engine slot is free again (its images may still be being stored)."""
+        deployment = (batch.pool, batch.variant)
+        self.inflight[deployment] -= 1
+        held = self.held.get(deployment, {})
+        if batch.replica in held:
+            held[batch.replica] -= 1
+            if not held[batch.replica]:
+                del held[batch.replica]
+
+    def _place(self, pool: str, variant: str) -> str | None:
+        """The replica with the most free engine slots (``None``: replicas not known one by one,
+        or none has a free slot by this count — Serve's router then chooses)."""
+        replicas = self.replicas.get((pool, variant))
+        if not replicas:
+            return None
+        held = self.held.setdefault((pool, variant), {})
+        replica = max(sorted(replicas), key=lambda r: replicas[r] - held.get(r, 0))
+        if replicas[replica] - held.get(replica, 0) <= 0:
+            return None
+        held[replica] = held.get(replica, 0) + 1
+        return replica
 
     def load(self, pool: str, variant: str) -> EngineLoad:
         """The work of one engine deployment: its batches in flight, and the batches its pool's
@@ -220,7 +255,13 @@ class Dispatcher:
             return None, wake_at
         key = items[0].key
         self.inflight[(runner.name, key.variant)] += 1
-        batch = Batch(id=f"batch_{self._prefix}_{next(self._ids)}", pool=runner.name, key=key, items=items)
+        batch = Batch(
+            id=f"batch_{self._prefix}_{next(self._ids)}",
+            pool=runner.name,
+            key=key,
+            items=items,
+            replica=self._place(runner.name, key.variant),
+        )
         if runner is not source:
             batch.source_pool = source.name
         return batch, None

@@ -217,6 +217,9 @@ class SchedulerService:
         self._inline: dict[str, dict[int, bytes]] = {}
         self._listeners: list[JobListener] = []
         self._running = False
+        #: Batches placed on a replica, and those that ran on another one (it had gone).
+        self._placed = 0
+        self._rerouted = 0
 
     # -- setup --------------------------------------------------------------------------
 
@@ -226,6 +229,12 @@ class SchedulerService:
 
     def set_capacity(self, pool: str, variant: str, batches: int) -> None:
         self.dispatcher.set_capacity(pool, variant, batches)
+        self._wake.set()
+
+    def set_replicas(self, pool: str, variant: str, slots: dict[str, int]) -> None:
+        """The live replicas of an engine deployment (heartbeats) and their batch slots: batches
+        are then placed on a replica whose engine is free (``Batch.replica``)."""
+        self.dispatcher.set_replicas(pool, variant, slots)
         self._wake.set()
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -542,12 +551,23 @@ class SchedulerService:
                     except Exception as exc:  # replica died, engine error: retried, then failed
                         log.exception("batch %s failed on %s/%s", batch.id, batch.pool, batch.variant)
                         outcome = self._failed_outcome(batch, exc)
+                    else:
+                        self._count_placement(batch, outcome)
                     self._release_slot(batch)
                     await self._record(batch, outcome)
         finally:
             self._release_slot(batch)
             self._batches.pop(batch.id, None)
             self._wake.set()  # retried items may be back in the queue
+
+    def _count_placement(self, batch: Batch, outcome: BatchOutcome) -> None:
+        """Batches placed on a replica; those that ran elsewhere (their replica had gone)."""
+        if batch.replica is None:
+            return
+        self._placed += 1
+        if outcome.replica != batch.replica:
+            self._rerouted += 1
+            log.info("batch %s ran on replica %s, not on %s", batch.id, outcome.replica, batch.replica)
 
     def _release_slot(self, batch: Batch) -> None:
         """The engine slot is free again (once per batch): the next batch may start while this
@@ -855,4 +875,6 @@ class SchedulerService:
             },
             "active_jobs": len(self._active),
             "batches_in_flight": len(self._batches),
+            "batches_placed": self._placed,
+            "batches_rerouted": self._rerouted,
         }

@@ -87,6 +87,9 @@ class Batch:
     source_pool: str | None = None
     #: W3C context of the batch's span: engine spans hang under it in another process.
     trace_context: dict[str, str] = field(default_factory=dict)
+    #: The engine replica the dispatcher placed it on (one with a free engine slot); ``None``
+    #: when replicas are not known one by one (in-process engines, the capacity simulator).
+    replica: str | None = None
 
     @property
     def variant(self) -> str:

@@ -21,6 +21,7 @@ from ray.serve import Application
 from zimage_platform.config import PlatformConfig, load_config
 from zimage_platform.scheduling.autoscaling import serve_autoscaling_config
 from zimage_platform.serve.deployments import Engine, Ingress, Scheduler
+from zimage_platform.serve.routing import EngineRouter
 
 
 def absolute_paths(config: PlatformConfig) -> PlatformConfig:
@@ -55,6 +56,9 @@ def engine_options(config: PlatformConfig, variant: str, pool_name: str) -> dict
         # One streaming call per batch. The scheduler starts at most max_concurrent_batches per
         # replica; each may still be storing its images while the next one runs (twice as many).
         "max_ongoing_requests": 2 * pool.max_concurrent_batches,
+        # Serve cannot tell a replica that is only storing images from one whose engine is busy:
+        # the scheduler places each batch on a replica with a free engine, and this router obeys.
+        "request_router_config": {"request_router_class": f"{EngineRouter.__module__}:{EngineRouter.__name__}"},
         "health_check_period_s": config.serve.health_check_period_s,
         "health_check_timeout_s": config.serve.health_check_timeout_s,
         "graceful_shutdown_timeout_s": config.serve.graceful_shutdown_s,

@@ -178,7 +178,7 @@ class Scheduler:
             for (pool, variant), replicas in self._replicas.items():
                 alive = {r: v for r, v in replicas.items() if now - v[0] < HEARTBEAT_TIMEOUT_S}
                 self._replicas[(pool, variant)] = alive
-                self.service.set_capacity(pool, variant, sum(slots for _, slots in alive.values()))
+                self.service.set_replicas(pool, variant, {r: slots for r, (_, slots) in alive.items()})
             await asyncio.sleep(HEARTBEAT_S / 2)
 
     def engine_load(self, pool: str, variant: str) -> dict[str, float]:
@@ -189,8 +189,8 @@ class Scheduler:
         first = replica not in self._replicas.setdefault((pool, variant), {})
         self._replicas[(pool, variant)][replica] = (time.monotonic(), slots)
         if first:
-            total = sum(s for _, s in self._replicas[(pool, variant)].values())
-            self.service.set_capacity(pool, variant, total)
+            known = self._replicas[(pool, variant)]
+            self.service.set_replicas(pool, variant, {r: s for r, (_, s) in known.items()})
 
     async def submit(self, job: NewJob, check_queue: bool = True) -> dict[str, Any]:
         await self._started

@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import random
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -113,6 +114,14 @@ class Stream(_Strict):
             if t < horizon_s:
                 yield t
 
+    def draws(self, seed: int) -> tuple[Iterator[float], Iterator[int]]:
+        """Its arrival times and image counts as a profile with ``seed`` draws them: the same for
+        the simulator and for a benchmark replaying the profile against a live platform."""
+        return (
+            self.arrivals(random.Random(f"{seed}:{self.name}"), float("inf")),
+            self.image_counts(random.Random(f"{seed}:{self.name}:n")),
+        )
+
     def image_counts(self, rng: random.Random) -> Iterator[int]:
         if isinstance(self.images_per_request, int):
             while True:
@@ -137,6 +146,20 @@ class Stream(_Strict):
             total += self.rate_at(a)[0] * (min(b, horizon_s) - a)
         replayed = sum(1 for t in self.times if 0 <= t < horizon_s)
         return replayed + total + sum(s.jobs for s in self.submissions if s.at_s < horizon_s)
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """One request (``jobs == 1``) or bulk submission of a stream, at ``at_s`` seconds."""
+
+    at_s: float
+    #: Index of the stream in the profile.
+    stream: int
+    jobs: int
+    #: Images per job.
+    images: int
+    #: A bulk submission: ``jobs`` jobs admitted as one.
+    submission: bool = False
 
 
 class Slo(_Strict):
@@ -179,6 +202,19 @@ class LoadProfile(_Strict):
 
     def startup_for(self, pool: str) -> float:
         return self.startup_s.get(pool, self.startup_s.get("default", 90.0))
+
+    def schedule(self) -> list[Arrival]:
+        """Every request and bulk submission in ``[0, duration_s)``, in time order, with the
+        arrival times and image counts the simulator draws (for replaying the profile against a
+        live platform; the simulator draws the same lazily)."""
+        out: list[Arrival] = []
+        for index, stream in enumerate(self.streams):
+            times, counts = stream.draws(self.seed)
+            events = [(t, 1, False) for t in itertools.takewhile(lambda t: t < self.duration_s, times)]
+            events += [(s.at_s, s.jobs, True) for s in stream.submissions if s.at_s < self.duration_s]
+            # One image count per request and per submission, drawn in time order as the simulator does.
+            out += [Arrival(at, index, jobs, next(counts), bulk) for at, jobs, bulk in sorted(events)]
+        return sorted(out, key=lambda a: (a.at_s, a.stream))
 
 
 def load_profile(path: str | Path) -> LoadProfile:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import random
 import time
 from array import array
 from collections.abc import Iterator, Mapping
@@ -176,9 +175,9 @@ class Simulation:
         arrivals: list[Iterator[float]] = []
         counts: list[Iterator[int]] = []
         for i, s in enumerate(self.streams):
-            rng = random.Random(f"{profile.seed}:{s.name}")
-            arrivals.append(s.stream.arrivals(rng, horizon))
-            counts.append(s.stream.image_counts(random.Random(f"{profile.seed}:{s.name}:n")))
+            times, images = s.stream.draws(profile.seed)
+            arrivals.append(itertools.takewhile(lambda t: t < horizon, times))
+            counts.append(images)
             first = next(arrivals[i], None)
             if first is not None:
                 push(heap, (first, next(seq), _ARRIVAL, i))
