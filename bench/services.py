@@ -17,7 +17,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 
@@ -46,7 +46,36 @@ def wait_for_port(port: int, timeout: float = 30.0) -> None:
     raise TimeoutError(f"nothing answered on 127.0.0.1:{port} after {timeout}s")
 
 
-class PrivatePostgres:
+class _PrivateServer:
+    """A server process of the caller's own under ``root`` (removed on :meth:`close`), used as a
+    context manager: started on entry, stopped and removed on exit (also when start fails)."""
+
+    root: Path
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        try:
+            self.stop()
+        finally:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class PrivatePostgres(_PrivateServer):
     """``initdb`` once, then ``pg_ctl start``/``stop`` on the same port and data as often as asked.
 
     ``initdb`` refuses root, so as root the server runs as the ``postgres`` user. Trust auth,
@@ -69,7 +98,7 @@ class PrivatePostgres:
             [self.binary / "pg_ctl", "-D", self.root / "db", *args], check=check, capture_output=True, **self._as_user
         )
 
-    def start(self) -> PrivatePostgres:
+    def start(self) -> Self:
         if not self._initialised:
             subprocess.run(
                 [self.binary / "initdb", "-D", self.root / "db", "-U", "postgres", "--auth=trust"],
@@ -96,24 +125,8 @@ class PrivatePostgres:
             conn.execute(f'CREATE DATABASE "{name}"')
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{name}"
 
-    def close(self) -> None:
-        try:
-            self.stop()
-        finally:
-            shutil.rmtree(self.root, ignore_errors=True)
 
-    def __enter__(self) -> PrivatePostgres:
-        try:
-            return self.start()
-        except BaseException:
-            self.close()
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class PrivateRedis:
+class PrivateRedis(_PrivateServer):
     """``redis-server`` without persistence on a free port; :meth:`start` again after :meth:`stop`
     comes back on the same port (empty, as a restarted cache does)."""
 
@@ -126,7 +139,7 @@ class PrivateRedis:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> PrivateRedis:
+    def start(self) -> Self:
         args = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
         self.process = subprocess.Popen(
             [shutil.which("redis-server") or "redis-server", *args, "--dir", str(self.root)],
@@ -145,19 +158,3 @@ class PrivateRedis:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait(timeout=5)
-
-    def close(self) -> None:
-        try:
-            self.stop()
-        finally:
-            shutil.rmtree(self.root, ignore_errors=True)
-
-    def __enter__(self) -> PrivateRedis:
-        try:
-            return self.start()
-        except BaseException:
-            self.close()
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
