@@ -133,16 +133,24 @@ class Connection:
     stream: Stream | None = None
 
     async def send(self, msg: dict[str, Any]) -> bool:
+        return await self.send_all([msg])
+
+    async def send_all(self, msgs: list[dict[str, Any]]) -> bool:
+        """Send ``msgs`` back to back: a status broadcast from another task never lands inside
+        a group a client reads as one step (``execution_start`` then ``execution_cached``)."""
+        if not msgs:
+            return True
         if self.stream is not None and (lost := await self.stream.check()) is not None:
             await self.lost(lost)
             return False
         async with self.lock:
-            if self.websocket.client_state != WebSocketState.CONNECTED:
-                return False
-            try:
-                await self.websocket.send_json(msg)
-            except Exception:  # the client went away mid-send: its reader ends the connection
-                return False
+            for msg in msgs:
+                if self.websocket.client_state != WebSocketState.CONNECTED:
+                    return False
+                try:
+                    await self.websocket.send_json(msg)
+                except Exception:  # the client went away mid-send: its reader ends the connection
+                    return False
             return True
 
     async def lost(self, exc: PlatformError) -> None:

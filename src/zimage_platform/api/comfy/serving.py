@@ -836,8 +836,7 @@ class ComfyService:
                 started = started or event.get("type") in ("started", "progress")
                 if event.get("type") in ("succeeded", "failed", "cancelled"):
                     ends[index] = event
-                for msg in relay.on_event(index, event):
-                    await conn.send(msg)
+                await conn.send_all(relay.on_event(index, event))
         finally:
             for task in streams:
                 task.cancel()
@@ -855,8 +854,7 @@ class ComfyService:
         stopped_at = relay.current_node(view.culprit) if view.culprit is not None else None
         terminal = terminal_message(view, stopped_at)
         # remaining() also records this prompt as finished (its jobs' rows are terminal by now).
-        for msg in relay.finish(terminal, await self.remaining(conn.tenant_id)):
-            await conn.send(msg)
+        await conn.send_all(relay.finish(terminal, await self.remaining(conn.tenant_id)))
 
     async def _forward(self, index: int, job_id: str, events: asyncio.Queue) -> None:
         """One job's events into the prompt's queue; ``None`` when its stream ends."""
