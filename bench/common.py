@@ -16,12 +16,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Self, TypeVar
 
 import typer
+
+from bench.services import Lifecycle, free_port
 
 if TYPE_CHECKING:
     import httpx
@@ -60,6 +63,9 @@ EngineChoice = Annotated[
         "engine (no model: each batch sleeps the GPU latency model's time, ops/latency/h800-mig.yaml).",
     ),
 ]
+#: A closed-loop cell's measured window and the unmeasured run-up before it (``serve``, ``peer``).
+CellDuration = Annotated[float, typer.Option("--duration", min=1, help="Measured seconds per cell and round.")]
+CellWarmup = Annotated[float, typer.Option("--warmup", min=0, help="Unmeasured seconds before each window.")]
 
 
 def quiet_libraries() -> None:
@@ -124,6 +130,45 @@ def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
     out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     out += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(out)
+
+
+def report_heading(title: str, meta: dict[str, Any]) -> list[str]:
+    """A report's first lines: which benchmark ran when, with which command, on which source."""
+    return [f"### {title}, {meta['date']}", "", f"`{meta['command']}` (source {meta['source']})", ""]
+
+
+def machine_line(meta: dict[str, Any]) -> str:
+    """Where a run ran (machine, Python, the packages measured): the start of a report's description."""
+    return f"{meta['machine']}; Python {meta['python']}; " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
+
+
+def load_average(meta: dict[str, Any]) -> str:
+    """How busy the machine was around the run (``run_meta`` reads it before, the command after)."""
+    return f"load average {meta['load_average_before'][0]:.2f} before, {meta['load_average_after'][0]:.2f} after."
+
+
+def wall_time(meta: dict[str, Any], starting: str | None = None) -> str:
+    """The run's wall time and what of it went to starting ``starting`` and to waiting for a quiet
+    machine (time the figures do not cover), then the load average."""
+    parts = [f"{meta['ready_s']:.0f} s starting {starting}"] if starting else []
+    parts.append(f"{meta['quiet_wait_s']:.0f} s waiting for a quiet machine")
+    return f"Wall time {meta['wall_s']:.0f} s ({', '.join(parts)}); {load_average(meta)}"
+
+
+def targets_section(targets: list[Target]) -> list[str]:
+    """A report's last lines: every target with its verdict."""
+    return ["Targets:", "", *(t.line() for t in targets)]
+
+
+_Item = TypeVar("_Item")
+_Block = TypeVar("_Block")
+
+
+def rotated(items: Sequence[_Item], by: int) -> list[_Item]:
+    """``items`` starting at ``by`` (modulo their number): who goes first changes from one block of
+    measurements to the next, so a slow spell on the machine lands on every contender alike."""
+    by %= len(items)
+    return [*items[by:], *items[:by]]
 
 
 def machine_description() -> str:
@@ -196,6 +241,10 @@ class Target:
         measured = "not measured" if self.measured is None else f"{self.measured:.2f}{self.unit}"
         wanted = "" if self.threshold is None else f" (target {self.op} {self.threshold}{self.unit})"
         return f"- **{self.verdict}** {self.name}: {measured}{wanted}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """As a results file keeps it: the figures and the verdict they gave."""
+        return asdict(self) | {"verdict": self.verdict}
 
 
 def parse_ints(text: str, *, param: str) -> list[int]:
@@ -411,14 +460,6 @@ def engine_description(meta: dict[str, Any]) -> str:
     )
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def add_tenant(config: PlatformConfig, tenant_id: str, **spec: Any) -> str:
     """Write ``<first tenant dir>/<id>.yaml`` with one fresh key (its hash only); return the raw key.
 
@@ -440,7 +481,7 @@ def add_tenant(config: PlatformConfig, tenant_id: str, **spec: Any) -> str:
     return key.raw
 
 
-class BenchCluster:
+class BenchCluster(Lifecycle):
     """SeaweedFS S3, a local Ray and Serve's HTTP proxy, all under ``/tmp/zimage-bench-<pid>``.
 
     Several Serve applications (platform configurations, bare apps) share the one cluster, so a
@@ -461,17 +502,6 @@ class BenchCluster:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> BenchCluster:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def start(self) -> None:
         import secrets
@@ -735,12 +765,102 @@ async def closed_loop(
     return window_start, max(0.0, min(window_end, window_start + duration_s) - window_start), samples
 
 
-class ClosedLoopStats:
-    """Throughput and latency of closed-loop cells: images completed inside the measured windows
-    ÷ window time; latency percentiles and errors over the requests sent inside them."""
+@dataclass
+class ClosedLoopRuns:
+    """How an alternating closed-loop benchmark (``serve``, ``peer``) measures, and the cells and
+    samples it measured: each cell after a quiet spell, with the CPU share other processes took."""
 
+    rounds: int
+    warmup_s: float
+    duration_s: float
+    max_noise: float
+    quiet_wait: float
+    response_format: str = "url"
+    max_requests: int | None = None
+    cells: list[Cell] = field(default_factory=list)
+    samples: list[HttpSample] = field(default_factory=list)
+
+    def schedule(self, blocks: Sequence[_Block], systems: Sequence[_Item]) -> Iterator[tuple[int, _Block, _Item]]:
+        """``(round, block, system)``: every block on every system, round after round, the system
+        that goes first rotating, so a noisy spell hits every system alike."""
+        for round_ in range(self.rounds):
+            for index, block in enumerate(blocks):
+                for system in rotated(systems, round_ * len(blocks) + index):
+                    yield round_, block, system
+
+    def measure(self, url: str, key: str, label: str, size: str, clients: int, round_: int, shown: str) -> Cell:
+        """One cell of ``label`` (the system at ``url``), logged as ``shown`` with what it got."""
+        quiet = wait_for_others_quiet(self.max_noise, self.quiet_wait)
+        before = CpuSnapshot.take()
+        window_start, window_s, got = asyncio.run(
+            closed_loop(
+                url,
+                key,
+                label=label,
+                size=size,
+                clients=clients,
+                round_=round_,
+                warmup_s=self.warmup_s,
+                duration_s=self.duration_s,
+                response_format=self.response_format,
+                max_requests=self.max_requests,
+            )
+        )
+        others = before.others_share(CpuSnapshot.take())
+        cell = Cell(label, size, clients, round_, window_start, window_s, others, quiet)
+        self.cells.append(cell)
+        self.samples += got
+        done = sum(1 for s in got if s.status == 200)
+        log(f"round {round_ + 1}/{self.rounds} {shown} x{clients:<3}: {done} images, others {others:.0%}")
+        return cell
+
+    def settings(self) -> dict[str, Any]:
+        """What a report records about how it measured (``max_requests`` where the cells were bounded)."""
+        bound = {} if self.max_requests is None else {"max_requests": self.max_requests}
+        return {
+            "rounds": self.rounds,
+            "duration_s": self.duration_s,
+            "warmup_s": self.warmup_s,
+            **bound,
+            "max_noise": self.max_noise,
+        }
+
+    @property
+    def quiet_wait_s(self) -> float:
+        """Seconds spent waiting for other processes to quieten, over every cell."""
+        return sum(c.quiet_wait_s for c in self.cells)
+
+
+@dataclass
+class ClosedLoopReport(ABC):
+    """A closed-loop run's cells and samples, built the same way for a fresh run and a saved one
+    (``--render``): throughput counts images completed inside the measured windows ÷ window time;
+    latency percentiles and errors count the requests sent inside them."""
+
+    meta: dict[str, Any]
     cells: list[Cell]
     samples: list[HttpSample]
+
+    @abstractmethod
+    def targets(self) -> list[Target]:
+        """The benchmark's targets, judged on this run."""
+
+    @abstractmethod
+    def markdown(self) -> str:
+        """The report as the benchmark prints it."""
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Self:
+        samples = [HttpSample.from_dict(s) for s in data["samples"]]
+        return cls(meta=data["meta"], cells=[Cell(**c) for c in data["cells"]], samples=samples)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "meta": self.meta,
+            "targets": [t.to_dict() for t in self.targets()],
+            "cells": [asdict(c) for c in self.cells],
+            "samples": [asdict(s) for s in self.samples],
+        }
 
     def cells_of(self, label: str, size: str, clients: int) -> list[Cell]:
         return [c for c in self.cells if (c.label, c.size, c.clients) == (label, size, clients)]
@@ -798,6 +918,29 @@ class ClosedLoopStats:
     def others(self, label: str, size: str, clients: int) -> float | None:
         cells = self.cells_of(label, size, clients)
         return statistics.mean(c.others for c in cells) if cells else None
+
+    def heading(self, title: str, starting: str) -> list[str]:
+        """The report's first lines: the run, the machine, and what of the wall time went to
+        starting ``starting`` and to quiet waits."""
+        return [*report_heading(title, self.meta), f"{machine_line(self.meta)}. {wall_time(self.meta, starting)}", ""]
+
+    def images_per_s(self, label: str, size: str, clients: int) -> str:
+        """The "Images/s (per round)" column: over every round's window, then each round's."""
+        per_round = ", ".join(f"{t:.1f}" for t in self.round_throughputs(label, size, clients))
+        return f"{fmt_num(self.throughput(label, size, clients), '.1f')} ({per_round})"
+
+    def errors_and_others(self, label: str, size: str, clients: int) -> list[str]:
+        """The "Errors" and "Others" columns: failed requests, and the CPU share other processes
+        took meanwhile (noise)."""
+        return [self.errors(label, size, clients), fmt_num(self.others(label, size, clients), ".0%")]
+
+
+def attach_job_times(config: PlatformConfig, samples: list[HttpSample]) -> None:
+    """Fill in each sample's ``job`` from the job store of the app that answered it (``config``)."""
+    times = read_job_times(config, [s.job_id for s in samples if s.job_id])
+    for s in samples:
+        if s.job_id:
+            s.job = times.get(s.job_id)
 
 
 def read_job_times(config: PlatformConfig, job_ids: list[str]) -> dict[str, JobTimes]:

@@ -56,7 +56,6 @@ from bench.common import (
     engine_description,
     engine_meta,
     fmt_num,
-    free_port,
     generation_body,
     log,
     markdown_table,
@@ -66,13 +65,13 @@ from bench.common import (
     with_engine,
     write_json,
 )
+from bench.services import PrivatePostgres, PrivateRedis, free_port
 
 if TYPE_CHECKING:
     import httpx
     import psutil
     from sqlalchemy import Engine
 
-    from bench.services import PrivatePostgres, PrivateRedis
     from zimage_platform.config import PlatformConfig
 
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
@@ -720,27 +719,24 @@ async def postgres_restart(stage: Stage, tenant: str) -> Fault:
     """``pg_ctl stop -m fast`` (connections cut), down for a while, then started again."""
     assert stage.postgres is not None
     await stage.batch_running(tenant)
-    seconds = stage.outage_s["postgres"]
-    started = time.time()
-    await asyncio.to_thread(stage.postgres.stop)
-    try:
-        await asyncio.sleep(seconds)
-    finally:
-        await asyncio.to_thread(stage.postgres.start)
-    return Fault(started, time.time(), {"stopped": f"PostgreSQL on port {stage.postgres.port}", "seconds": seconds})
+    return await server_outage(stage.postgres, stage.outage_s["postgres"], f"PostgreSQL on port {stage.postgres.port}")
 
 
 async def redis_down(stage: Stage, tenant: str) -> Fault:
     """The rate limiter's Redis stopped, then started again on the same port (empty)."""
     assert stage.redis is not None
-    seconds = stage.outage_s["redis"]
+    return await server_outage(stage.redis, stage.outage_s["redis"], f"redis-server on port {stage.redis.port}")
+
+
+async def server_outage(server: PrivatePostgres | PrivateRedis, seconds: float, what: str) -> Fault:
+    """``server`` stopped for ``seconds``, then started again (also when the drill is cancelled)."""
     started = time.time()
-    await asyncio.to_thread(stage.redis.stop)
+    await asyncio.to_thread(server.stop)
     try:
         await asyncio.sleep(seconds)
     finally:
-        await asyncio.to_thread(stage.redis.start)
-    return Fault(started, time.time(), {"stopped": f"redis-server on port {stage.redis.port}", "seconds": seconds})
+        await asyncio.to_thread(server.start)
+    return Fault(started, time.time(), {"stopped": what, "seconds": seconds})
 
 
 @dataclass(frozen=True)
@@ -969,7 +965,6 @@ def staged(
 ) -> Iterator[Stage]:
     """The platform for ``profile`` with a tenant per drill, a webhook receiver, and for
     ``services`` a private PostgreSQL and Redis; everything stopped afterwards."""
-    from bench.services import PrivatePostgres, PrivateRedis
     from zimage_platform.db import create_db_engine
 
     with contextlib.ExitStack() as stack:

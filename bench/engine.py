@@ -48,9 +48,11 @@ from bench.common import (
     Render,
     Target,
     fmt_num,
+    load_average,
     log,
     machine_busy_s,
     machine_description,
+    machine_line,
     markdown_table,
     parse_ints,
     parse_sizes,
@@ -58,8 +60,10 @@ from bench.common import (
     quiet_libraries,
     ratio,
     read_json,
+    rotated,
     rss_bytes,
     source_version,
+    targets_section,
     wait_for_quiet,
 )
 from zimage_platform.config import PlatformConfig, load_config
@@ -375,11 +379,6 @@ class WorkerHandle:
         self.conn.close()
 
 
-def _rotated(items: Sequence[WorkerHandle], by: int) -> list[WorkerHandle]:
-    by %= len(items)
-    return [*items[by:], *items[:by]]
-
-
 @dataclass
 class RunResult:
     workers: list[WorkerInfo]
@@ -427,7 +426,7 @@ def run_benchmark(
         for round_ in range(repeats):
             for index, case in enumerate(cases):
                 waited += wait_for_quiet(max_noise, quiet_wait)
-                for handle in _rotated(handles, round_ * len(cases) + index):
+                for handle in rotated(handles, round_ * len(cases) + index):
                     samples += handle.request((case, round_), CASE_TIMEOUT_S)
             log(f"round {round_ + 1}/{repeats} done ({time.perf_counter() - start:.0f} s)")
         for handle in handles:
@@ -564,7 +563,7 @@ class Report:
             "meta": self.meta,
             "workers": [asdict(w) for w in self.workers],
             "skipped": self.skipped,
-            "targets": [asdict(t) | {"verdict": t.verdict} for t in self.targets()],
+            "targets": [t.to_dict() for t in self.targets()],
             "samples": [s.to_dict() for s in self.samples],
         }
 
@@ -575,13 +574,10 @@ class Report:
             "",
             f"`{m['command']}` (source {m['source']}, ONNX opset {m['onnx_engine']['opset']})",
             "",
-            f"{m['machine']}; Python {m['python']}; "
-            + ", ".join(f"{k} {v}" for k, v in m["versions"].items())
-            + f". Variant `{VARIANT}` on the tiny checkpoint: {m['steps']} steps, guidance {m['guidance']}, "
-            f"{m['sampler']}. Median of {m['repeats']} alternated repeats over the clean runs (other processes "
-            f"under {m['max_noise']:.0%} of the CPU; all runs when none was); wall time {m['wall_s']:.0f} s, "
-            f"{m['quiet_wait_s']:.0f} s of it waiting for a quiet machine; load average "
-            f"{m['load_average_before'][0]:.2f} before, {m['load_average_after'][0]:.2f} after.",
+            f"{machine_line(m)}. Variant `{VARIANT}` on the tiny checkpoint: {m['steps']} steps, "
+            f"guidance {m['guidance']}, {m['sampler']}. Median of {m['repeats']} alternated repeats over the clean "
+            f"runs (other processes under {m['max_noise']:.0%} of the CPU; all runs when none was); wall time "
+            f"{m['wall_s']:.0f} s, {m['quiet_wait_s']:.0f} s of it waiting for a quiet machine; {load_average(m)}",
             "",
             markdown_table(
                 [
@@ -685,9 +681,7 @@ class Report:
                 ],
             ),
             "",
-            "Targets:",
-            "",
-            *(t.line() for t in self.targets()),
+            *targets_section(self.targets()),
             *(f"- **SKIPPED** {label}: {reason}" for label, reason in self.skipped.items()),
         ]
         return "\n".join(lines)

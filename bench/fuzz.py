@@ -59,7 +59,6 @@ from bench.common import (
     add_tenant,
     engine_description,
     engine_meta,
-    free_port,
     log,
     markdown_table,
     read_json,
@@ -67,6 +66,7 @@ from bench.common import (
     with_engine,
     write_json,
 )
+from bench.services import Lifecycle, free_port
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
@@ -169,7 +169,7 @@ class Shutdown:
     clean: bool
 
 
-class FuzzPlatform:
+class FuzzPlatform(Lifecycle):
     """The embedded S3, a tenant with a fresh key and the platform's child process, all under
     ``/tmp/zimage-fuzz-<pid>``; ``stop`` (also on errors, via ``with``) ends them in reverse order."""
 
@@ -184,17 +184,6 @@ class FuzzPlatform:
         self._s3: Any = None
         self._process: Any = None
         self._conn: Connection | None = None
-
-    def __enter__(self) -> FuzzPlatform:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def start(self, timeout_s: float = 600.0) -> None:
         import multiprocessing

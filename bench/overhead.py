@@ -53,21 +53,26 @@ from bench.common import (
     Render,
     Target,
     add_tenant,
+    attach_job_times,
     engine_description,
     engine_meta,
     fmt_num,
     generation_body,
     log,
+    machine_line,
     markdown_table,
     parse_sizes,
     percentile,
-    read_job_times,
     read_json,
+    report_heading,
+    rotated,
     run_meta,
     simulated_latency,
+    targets_section,
     timed_post,
     wait_all_ready,
     wait_for_others_quiet,
+    wall_time,
     with_engine,
     write_json,
 )
@@ -239,8 +244,7 @@ async def measure(
                         pngs[size] = content
         for round_ in range(rounds):
             for index, size in enumerate(sizes):
-                shift = (round_ * len(sizes) + index) % len(CONTENDERS)
-                for contender in (*CONTENDERS[shift:], *CONTENDERS[:shift]):
+                for contender in rotated(CONTENDERS, round_ * len(sizes) + index):
                     waited += await asyncio.to_thread(wait_for_others_quiet, max_noise, quiet_wait)
                     before, got = CpuSnapshot.take(), []
                     for _ in range(block):
@@ -497,7 +501,7 @@ class Report:
     def to_json(self) -> dict[str, Any]:
         return {
             "meta": self.meta,
-            "targets": [asdict(t) | {"verdict": t.verdict} for t in self.targets()],
+            "targets": [t.to_dict() for t in self.targets()],
             "hops": self.hops,
             "samples": [asdict(s) for s in self.samples],
         }
@@ -558,20 +562,13 @@ class Report:
             )
         return "\n".join(
             [
-                f"### Overhead benchmark, {m['date']}",
-                "",
-                f"`{m['command']}` (source {m['source']})",
-                "",
-                f"{m['machine']}; Python {m['python']}; "
-                + ", ".join(f"{k} {v}" for k, v in m["versions"].items())
-                + f". Variant `{VARIANT}` only, {engine_description(m)}, 8 steps, one client, "
+                *report_heading("Overhead benchmark", m),
+                f"{machine_line(m)}. Variant `{VARIANT}` only, {engine_description(m)}, 8 steps, one client, "
                 f"sequential; {m['warmup']} warm-up requests per contender and size, then {m['rounds']} rounds of "
                 f"{m['block']} requests per contender and size, contenders rotated; percentiles over the clean "
                 f"blocks (other processes under {m['max_noise']:.0%} of the CPU; all blocks when none was). "
                 "Platform merge wait "
-                f"`max_wait_ms` = {json.dumps(m['max_wait_ms'])} (`nowait`: 0). Wall time {m['wall_s']:.0f} s "
-                f"({m['quiet_wait_s']:.0f} s waiting for a quiet machine); load average "
-                f"{m['load_average_before'][0]:.2f} before, {m['load_average_after'][0]:.2f} after.",
+                f"`max_wait_ms` = {json.dumps(m['max_wait_ms'])} (`nowait`: 0). {wall_time(m)}",
                 "",
                 markdown_table(
                     ["Contender", "Size", "p50 ms", "p95 ms", "p50 added ms", "p50 added %", "OK", "Clean"],
@@ -597,9 +594,7 @@ class Report:
                 "",
                 markdown_table(["Call", "Median ms", "p95 ms", "Calls per request", "ms per request"], hop_rows),
                 "",
-                "Targets:",
-                "",
-                *(t.line() for t in self.targets()),
+                *targets_section(self.targets()),
             ]
         )
 
@@ -636,10 +631,7 @@ def run_benchmark(
         )
         for name, config in configs.items():
             labels = {c.label for c in CONTENDERS if c.app == name}
-            mine = [s for s in samples if s.label in labels and s.job_id]
-            times = read_job_times(config, [s.job_id for s in mine if s.job_id])
-            for s in mine:
-                s.job = times.get(s.job_id or "")
+            attach_job_times(config, [s for s in samples if s.label in labels])
         log(f"timing the platform's DB and S3 calls ({hop_count} times each) …")
         png = pngs.get(TARGET_SIZE) or next(iter(pngs.values()))
         hops = measure_hops(cluster, configs[PLATFORM], key, png, hop_count)

@@ -26,7 +26,6 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -37,11 +36,11 @@ from bench.common import (
     BENCH_TENANT,
     REPO,
     BenchCluster,
-    Cell,
-    ClosedLoopStats,
+    CellDuration,
+    CellWarmup,
+    ClosedLoopReport,
+    ClosedLoopRuns,
     ConfigPath,
-    CpuSnapshot,
-    HttpSample,
     JsonOut,
     MaxNoise,
     QuietWait,
@@ -50,17 +49,17 @@ from bench.common import (
     add_tenant,
     closed_loop,
     fmt_num,
-    free_port,
     log,
     markdown_table,
     parse_ints,
     ratio,
     read_json,
     run_meta,
+    targets_section,
     wait_all_ready,
-    wait_for_others_quiet,
     write_json,
 )
+from bench.services import Lifecycle, free_port
 
 if TYPE_CHECKING:
     from zimage_platform.config import PlatformConfig
@@ -77,7 +76,7 @@ def platform_label(backend: str) -> str:
     return f"platform-{backend}"
 
 
-class HandRolledServer:
+class HandRolledServer(Lifecycle):
     """``bench/peer_server.py`` in its own process on a free loopback port; stopped by its pid."""
 
     def __init__(self, checkpoint: Path, log_file: Path) -> None:
@@ -90,7 +89,7 @@ class HandRolledServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def __enter__(self) -> HandRolledServer:
+    def start(self) -> None:
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         log(f"starting the hand-rolled server on port {self.port} …")
         with self.log_file.open("wb") as out:
@@ -102,7 +101,6 @@ class HandRolledServer:
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
-        return self
 
     def wait_ready(self, timeout_s: float = 600.0) -> None:
         import httpx
@@ -120,7 +118,7 @@ class HandRolledServer:
             time.sleep(1.0)
         raise TimeoutError(f"the hand-rolled server was not ready in {timeout_s:.0f} s; see {self.log_file}")
 
-    def __exit__(self, *exc: object) -> None:
+    def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             try:
@@ -130,13 +128,8 @@ class HandRolledServer:
                 self.process.wait()
 
 
-@dataclass
-class Report(ClosedLoopStats):
-    """One run's cells and samples; built the same way for a fresh run and a saved one (``--render``)."""
-
-    meta: dict[str, Any]
-    cells: list[Cell]
-    samples: list[HttpSample]
+class Report(ClosedLoopReport):
+    """The platform on each backend against the hand-rolled server: images/s and latency per cell."""
 
     @property
     def systems(self) -> list[str]:
@@ -164,55 +157,31 @@ class Report(ClosedLoopStats):
             ]
         return targets
 
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Report:
-        samples = [HttpSample.from_dict(s) for s in data["samples"]]
-        return cls(meta=data["meta"], cells=[Cell(**c) for c in data["cells"]], samples=samples)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "meta": self.meta,
-            "targets": [asdict(t) | {"verdict": t.verdict} for t in self.targets()],
-            "cells": [asdict(c) for c in self.cells],
-            "samples": [asdict(s) for s in self.samples],
-        }
-
     def markdown(self) -> str:
         m = self.meta
         size = m["size"]
         rows = []
         for n in m["clients"]:
             for label in self.systems:
-                per_round = ", ".join(f"{t:.1f}" for t in self.round_throughputs(label, size, n))
                 speed, slowness = self.vs_peer(label, n)
                 peer = label == HANDROLLED
                 rows.append(
                     [
                         label,
                         str(n),
-                        f"{fmt_num(self.throughput(label, size, n), '.1f')} ({per_round})",
+                        self.images_per_s(label, size, n),
                         "—" if peer else fmt_num(speed, ".2f", "×"),
                         *(
                             fmt_num(None if (v := self.latency(label, size, n, q)) is None else v * 1000, ".0f")
                             for q in (50, 95)
                         ),
                         "—" if peer else fmt_num(slowness, ".2f", "×"),
-                        self.errors(label, size, n),
-                        fmt_num(self.others(label, size, n), ".0%"),
+                        *self.errors_and_others(label, size, n),
                     ]
                 )
         return "\n".join(
             [
-                f"### Peer benchmark, {m['date']}",
-                "",
-                f"`{m['command']}` (source {m['source']})",
-                "",
-                f"{m['machine']}; Python {m['python']}; "
-                + ", ".join(f"{k} {v}" for k, v in m["versions"].items())
-                + f". Wall time {m['wall_s']:.0f} s ({m['ready_s']:.0f} s starting everything, "
-                f"{m['quiet_wait_s']:.0f} s waiting for a quiet machine); load average "
-                f"{m['load_average_before'][0]:.2f} before, {m['load_average_after'][0]:.2f} after.",
-                "",
+                *self.heading("Peer benchmark", "everything"),
                 f"`{HANDROLLED}`: `bench/peer_server.py` (FastAPI + uvicorn + diffusers `ZImagePipeline`, one "
                 "pipeline behind a lock, no batching, torch default threads) in its own process. "
                 + ", ".join(f"`{platform_label(b)}`" for b in m["backends"])
@@ -238,9 +207,7 @@ class Report(ClosedLoopStats):
                     rows,
                 ),
                 "",
-                "Targets:",
-                "",
-                *(t.line() for t in self.targets()),
+                *targets_section(self.targets()),
             ]
         )
 
@@ -249,17 +216,11 @@ def run_benchmark(
     base: PlatformConfig,
     backends: list[str],
     clients: list[int],
-    *,
-    rounds: int,
-    warmup_s: float,
-    duration_s: float,
-    max_requests: int,
-    max_noise: float,
-    quiet_wait: float,
-) -> tuple[dict[str, Any], list[Cell], list[HttpSample]]:
+    runs: ClosedLoopRuns,
+) -> dict[str, Any]:
+    """The platform on each backend and the hand-rolled server, every cell of ``runs`` on each; what
+    the report records about the run."""
     started = time.perf_counter()
-    cells: list[Cell] = []
-    samples: list[HttpSample] = []
     with BenchCluster(base) as cluster:
         configs = {}
         for backend in backends:
@@ -293,43 +254,17 @@ def run_benchmark(
                     )
                 )
             ready_s = time.perf_counter() - started
-            waited = 0.0
-            systems = list(urls)
-            for round_ in range(rounds):
-                for index, n in enumerate(clients):
-                    shift = (round_ * len(clients) + index) % len(systems)
-                    for label in systems[shift:] + systems[:shift]:
-                        quiet = wait_for_others_quiet(max_noise, quiet_wait)
-                        waited += quiet
-                        before = CpuSnapshot.take()
-                        window_start, window_s, got = asyncio.run(
-                            closed_loop(
-                                urls[label],
-                                key,
-                                label=label,
-                                size=SIZE,
-                                clients=n,
-                                round_=round_,
-                                warmup_s=warmup_s,
-                                duration_s=duration_s,
-                                response_format="b64_json",
-                                max_requests=max_requests,
-                            )
-                        )
-                        others = before.others_share(CpuSnapshot.take())
-                        cells.append(Cell(label, SIZE, n, round_, window_start, window_s, others, quiet))
-                        samples += got
-                        done = sum(1 for s in got if s.status == 200)
-                        log(f"round {round_ + 1}/{rounds} {label:22} x{n:<3}: {done} images, others {others:.0%}")
+            for round_, n, label in runs.schedule(clients, list(urls)):
+                runs.measure(urls[label], key, label, SIZE, n, round_, f"{label:22}")
     from importlib import metadata
 
     meta = {
         "ready_s": ready_s,
-        "quiet_wait_s": waited,
+        "quiet_wait_s": runs.quiet_wait_s,
         "wall_s": time.perf_counter() - started,
         "peer_versions": {p: metadata.version(p) for p in ("diffusers", "fastapi", "uvicorn")},
     }
-    return meta, cells, samples
+    return meta
 
 
 def main(
@@ -339,8 +274,8 @@ def main(
     ] = "1,32",
     backends: Annotated[str, typer.Option(help="Comma-separated platform backends to run.")] = "onnxruntime,torch",
     rounds: Annotated[int, typer.Option(min=1, help="Times every cell runs on each system.")] = 2,
-    duration: Annotated[float, typer.Option(min=1, help="Measured seconds per cell and round.")] = 10.0,
-    warmup: Annotated[float, typer.Option(min=0, help="Unmeasured seconds before each window.")] = 3.0,
+    duration: CellDuration = 10.0,
+    warmup: CellWarmup = 3.0,
     max_requests: Annotated[int, typer.Option(min=1, help="Requests per cell at most (ends the window early).")] = 1000,
     max_noise: MaxNoise = 0.1,
     quiet_wait: QuietWait = 3.0,
@@ -363,28 +298,15 @@ def main(
     if not backend_list or any(b not in real for b in backend_list):
         raise typer.BadParameter(f"{backends!r}: choose from {', '.join(real)}", param_hint="--backends")
     meta = run_meta(sys.argv[1:])
-    measured, cells, samples = run_benchmark(
-        base,
-        backend_list,
-        client_list,
-        rounds=rounds,
-        warmup_s=warmup,
-        duration_s=duration,
-        max_requests=max_requests,
-        max_noise=max_noise,
-        quiet_wait=quiet_wait,
-    )
-    meta |= measured | {
+    runs = ClosedLoopRuns(rounds, warmup, duration, max_noise, quiet_wait, "b64_json", max_requests)
+    meta |= run_benchmark(base, backend_list, client_list, runs)
+    meta |= {
         "size": SIZE,
         "backends": backend_list,
         "clients": client_list,
-        "rounds": rounds,
-        "duration_s": duration,
-        "warmup_s": warmup,
-        "max_requests": max_requests,
-        "max_noise": max_noise,
+        **runs.settings(),
         "load_average_after": os.getloadavg(),
     }
-    report = Report(meta, cells, samples)
+    report = Report(meta, runs.cells, runs.samples)
     print(report.markdown())
     write_json(json_out, report.to_json())

@@ -26,7 +26,6 @@ import os
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -37,19 +36,19 @@ from bench.common import (
     REQUEST_TIMEOUT_S,
     VARIANT,
     BenchCluster,
-    Cell,
-    ClosedLoopStats,
+    CellDuration,
+    CellWarmup,
+    ClosedLoopReport,
+    ClosedLoopRuns,
     ConfigPath,
-    CpuSnapshot,
     EngineChoice,
-    HttpSample,
     JsonOut,
     MaxNoise,
     QuietWait,
     Render,
     Target,
     add_tenant,
-    closed_loop,
+    attach_job_times,
     engine_description,
     engine_meta,
     fmt_num,
@@ -59,13 +58,12 @@ from bench.common import (
     parse_ints,
     parse_sizes,
     ratio,
-    read_job_times,
     read_json,
     run_meta,
     simulated_latency,
+    targets_section,
     timed_post,
     wait_all_ready,
-    wait_for_others_quiet,
     with_engine,
     write_json,
 )
@@ -82,13 +80,8 @@ MERGE_GAIN_TARGET = 1.8
 SIMULATED_GAIN_SHARE = 0.9
 
 
-@dataclass
-class Report(ClosedLoopStats):
-    """One run's cells and samples; built the same way for a fresh run and a saved one (``--render``)."""
-
-    meta: dict[str, Any]
-    cells: list[Cell]
-    samples: list[HttpSample]
+class Report(ClosedLoopReport):
+    """Batch merging vs max batch 1: throughput, latency, batch sizes and engine use per cell."""
 
     def engine_busy(self, label: str, size: str, clients: int) -> tuple[float | None, float | None]:
         """``(share of the windows the engine spent inside engine.run, engine ms per image)``.
@@ -155,19 +148,6 @@ class Report(ClosedLoopStats):
             ]
         return targets
 
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Report:
-        samples = [HttpSample.from_dict(s) for s in data["samples"]]
-        return cls(meta=data["meta"], cells=[Cell(**c) for c in data["cells"]], samples=samples)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "meta": self.meta,
-            "targets": [asdict(t) | {"verdict": t.verdict} for t in self.targets()],
-            "cells": [asdict(c) for c in self.cells],
-            "samples": [asdict(s) for s in self.samples],
-        }
-
     def markdown(self) -> str:
         m = self.meta
         sizes, clients = m["sizes"], m["clients"]
@@ -178,34 +158,23 @@ class Report(ClosedLoopStats):
                     histogram = self.batch_sizes(label, size, n)
                     images = sum(histogram.values())
                     busy, engine_ms = self.engine_busy(label, size, n)
-                    per_round = ", ".join(f"{t:.1f}" for t in self.round_throughputs(label, size, n))
                     rows.append(
                         [
                             label,
                             size,
                             str(n),
-                            f"{fmt_num(self.throughput(label, size, n), '.1f')} ({per_round})",
+                            self.images_per_s(label, size, n),
                             *(fmt_num(self.latency(label, size, n, q), ".3f") for q in (50, 95, 99)),
                             fmt_num(sum(b * c for b, c in histogram.items()) / images if images else None, ".2f"),
                             " ".join(f"{b}:{c}" for b, c in sorted(histogram.items())) or "n/a",
                             fmt_num(busy, ".0%"),
                             fmt_num(engine_ms, ".0f"),
-                            self.errors(label, size, n),
-                            fmt_num(self.others(label, size, n), ".0%"),
+                            *self.errors_and_others(label, size, n),
                         ]
                     )
         return "\n".join(
             [
-                f"### Serve benchmark, {m['date']}",
-                "",
-                f"`{m['command']}` (source {m['source']})",
-                "",
-                f"{m['machine']}; Python {m['python']}; "
-                + ", ".join(f"{k} {v}" for k, v in m["versions"].items())
-                + f". Wall time {m['wall_s']:.0f} s ({m['ready_s']:.0f} s starting the cluster and apps, "
-                f"{m['quiet_wait_s']:.0f} s waiting for a quiet machine); load average "
-                f"{m['load_average_before'][0]:.2f} before, {m['load_average_after'][0]:.2f} after.",
-                "",
+                *self.heading("Serve benchmark", "the cluster and apps"),
                 f"Platform: `build_app` on Ray Serve, SeaweedFS S3, SQLite, variant `{VARIANT}` only, "
                 f"{engine_description(m)}, 8 steps, one engine replica per app "
                 f"(engine threads: {m['engine_threads'] or 'runtime default'}). "
@@ -262,9 +231,7 @@ class Report(ClosedLoopStats):
                     [[size, *(fmt_num(self.gain(size, n), ".2f", "×") for n in clients)] for size in sizes],
                 ),
                 "",
-                "Targets:",
-                "",
-                *(t.line() for t in self.targets()),
+                *targets_section(self.targets()),
             ]
         )
 
@@ -328,16 +295,10 @@ def run_benchmark(
     base: PlatformConfig,
     sizes: list[str],
     clients: list[int],
-    *,
-    rounds: int,
-    warmup_s: float,
-    duration_s: float,
-    max_noise: float,
-    quiet_wait: float,
-) -> tuple[dict[str, Any], list[Cell], list[HttpSample]]:
+    runs: ClosedLoopRuns,
+) -> dict[str, Any]:
+    """Both apps on one cluster, every cell of ``runs`` on each; what the report records about the run."""
     started = time.perf_counter()
-    cells: list[Cell] = []
-    samples: list[HttpSample] = []
     with BenchCluster(base) as cluster:
         configs = _configs(cluster)
         key = add_tenant(configs[MERGE], BENCH_TENANT, limits=BENCH_LIMITS)
@@ -348,55 +309,28 @@ def run_benchmark(
             log(f"pre-warming {label} …")
             asyncio.run(_prewarm(url, key, sizes, configs[MERGE].variant(VARIANT).batch.max_batch))
         ready_s = time.perf_counter() - started
-        waited = 0.0
         plan = [(size, n) for size in sizes for n in clients]
-        for round_ in range(rounds):
-            for index, (size, n) in enumerate(plan):
-                order = CONFIGS if (round_ * len(plan) + index) % 2 == 0 else CONFIGS[::-1]
-                for label in order:
-                    quiet = wait_for_others_quiet(max_noise, quiet_wait)
-                    waited += quiet
-                    before = CpuSnapshot.take()
-                    window_start, window_s, got = asyncio.run(
-                        closed_loop(
-                            urls[label],
-                            key,
-                            label=label,
-                            size=size,
-                            clients=n,
-                            round_=round_,
-                            warmup_s=warmup_s,
-                            duration_s=duration_s,
-                        )
-                    )
-                    others = before.others_share(CpuSnapshot.take())
-                    cells.append(Cell(label, size, n, round_, window_start, window_s, others, quiet))
-                    samples += got
-                    done = sum(1 for s in got if s.status == 200)
-                    log(f"round {round_ + 1}/{rounds} {label:8} {size:8} x{n:<3}: {done} images, others {others:.0%}")
+        for round_, (size, n), label in runs.schedule(plan, CONFIGS):
+            runs.measure(urls[label], key, label, size, n, round_, f"{label:8} {size:8}")
         for label, config in configs.items():
-            ids = [s.job_id for s in samples if s.label == label and s.job_id]
-            times = read_job_times(config, ids)
-            for s in samples:
-                if s.label == label and s.job_id:
-                    s.job = times.get(s.job_id)
+            attach_job_times(config, [s for s in runs.samples if s.label == label])
         meta = {
             **engine_meta(base),
             "engine_threads": base.engine.threads,
             "configs": {label: _config_meta(config, sizes) for label, config in configs.items()},
             "ready_s": ready_s,
-            "quiet_wait_s": waited,
+            "quiet_wait_s": runs.quiet_wait_s,
         }
     meta["wall_s"] = time.perf_counter() - started
-    return meta, cells, samples
+    return meta
 
 
 def main(
     sizes: Annotated[str, typer.Option(help="Comma-separated buckets.")] = "64x64,128x128",
     clients: Annotated[str, typer.Option(help="Comma-separated concurrent client counts.")] = "1,8,32,64",
     rounds: Annotated[int, typer.Option(min=1, help="Times every cell runs on each configuration.")] = 2,
-    duration: Annotated[float, typer.Option(min=1, help="Measured seconds per cell and round.")] = 10.0,
-    warmup: Annotated[float, typer.Option(min=0, help="Unmeasured seconds before each window.")] = 3.0,
+    duration: CellDuration = 10.0,
+    warmup: CellWarmup = 3.0,
     max_noise: MaxNoise = 0.1,
     quiet_wait: QuietWait = 3.0,
     engine: EngineChoice = "real",
@@ -416,25 +350,9 @@ def main(
     meta = run_meta(sys.argv[1:])
     if base.engine.backend == "simulated":
         meta["simulated"] = _simulated_meta(base, size_list)
-    measured, cells, samples = run_benchmark(
-        base,
-        size_list,
-        client_list,
-        rounds=rounds,
-        warmup_s=warmup,
-        duration_s=duration,
-        max_noise=max_noise,
-        quiet_wait=quiet_wait,
-    )
-    meta |= measured | {
-        "sizes": size_list,
-        "clients": client_list,
-        "rounds": rounds,
-        "duration_s": duration,
-        "warmup_s": warmup,
-        "max_noise": max_noise,
-        "load_average_after": os.getloadavg(),
-    }
-    report = Report(meta, cells, samples)
+    runs = ClosedLoopRuns(rounds, warmup, duration, max_noise, quiet_wait)
+    meta |= run_benchmark(base, size_list, client_list, runs)
+    meta |= {"sizes": size_list, "clients": client_list, **runs.settings(), "load_average_after": os.getloadavg()}
+    report = Report(meta, runs.cells, runs.samples)
     print(report.markdown())
     write_json(json_out, report.to_json())

@@ -4,6 +4,11 @@ Two users need a server of their own rather than the machine's: the test setup, 
 machine serves none (a developer's laptop), and the fault drills (``python -m bench drills``),
 which stop and restart one under a running platform and must not touch a server others share.
 Each object stops only the process it started and removes its own folder.
+
+The lifecycle they share (:class:`Lifecycle`: a context manager that stops what it started, also
+when starting fails halfway) and :func:`free_port` serve every other server a benchmark starts
+too (``BenchCluster``, the fuzzed platform, the hand-rolled peer server); this module stays on the
+standard library, so the test setup can import it cheaply.
 """
 
 from __future__ import annotations
@@ -46,33 +51,44 @@ def wait_for_port(port: int, timeout: float = 30.0) -> None:
     raise TimeoutError(f"nothing answered on 127.0.0.1:{port} after {timeout}s")
 
 
-class _PrivateServer:
-    """A server process of the caller's own under ``root`` (removed on :meth:`close`), used as a
-    context manager: started on entry, stopped and removed on exit (also when start fails)."""
+class Lifecycle:
+    """Something the caller starts and must stop, used as a context manager: started on entry,
+    closed on exit, and closed too when starting fails halfway (``close`` copes with a partial
+    start), so nothing a benchmark or a test started outlives it."""
 
-    root: Path
-
-    def start(self) -> Self:
+    def start(self) -> object:
         raise NotImplementedError
 
     def stop(self) -> None:
         raise NotImplementedError
 
     def close(self) -> None:
+        """The end of its life; a stop, unless a subclass that can start again frees more here."""
+        self.stop()
+
+    def __enter__(self) -> Self:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _PrivateServer(Lifecycle):
+    """A server process of the caller's own under ``root``: :meth:`stop` and :meth:`start` again
+    as often as a drill asks; :meth:`close` also removes ``root``."""
+
+    root: Path
+
+    def close(self) -> None:
         try:
             self.stop()
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
-
-    def __enter__(self) -> Self:
-        try:
-            return self.start()
-        except BaseException:
-            self.close()
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class PrivatePostgres(_PrivateServer):
