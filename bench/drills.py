@@ -650,7 +650,7 @@ async def platform_kill(stage: Stage, tenant: str) -> Fault:
     platform = stage.platform
     tree = platform.tree()
     weed = platform.embedded_s3().get("weed_pid")
-    names = {p.pid: f"{_process_name(p)} (pid {p.pid})" for p in tree}
+    names = {p.pid: f"{process_name(p)} (pid {p.pid})" for p in tree}
     platform.sigkill()
     killed_at = time.time()
     _, alive = await asyncio.to_thread(psutil.wait_procs, tree, REAP_S)
@@ -676,14 +676,31 @@ async def platform_kill(stage: Stage, tenant: str) -> Fault:
     )
 
 
-def _process_name(process: psutil.Process) -> str:
+def process_name(process: psutil.Process) -> str:
+    """A process as a person names it: Ray's title (``ray::ServeController``), a program's name
+    (``raylet``, ``weed``), or for Python what it runs (``log_monitor.py``, ``zimage_platform.cli``)."""
     import psutil
 
     try:
         line = process.cmdline()
-        return Path(line[0]).name if line and not line[0].startswith("ray::") else line[0]
-    except (psutil.Error, IndexError):
+    except psutil.Error:
         return "?"
+    if not line:
+        return "?"
+    if line[0].startswith("ray::"):
+        return line[0]
+    program = Path(line[0]).name
+    if not program.startswith("python"):
+        return program
+    args = iter(line[1:])
+    for arg in args:
+        if arg == "-m":
+            return next(args, program)
+        if arg == "-c":
+            return f"{program} -c"
+        if not arg.startswith("-"):
+            return Path(arg).name
+    return program
 
 
 async def s3_down(stage: Stage, tenant: str) -> Fault:

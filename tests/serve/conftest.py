@@ -11,6 +11,7 @@ import pytest
 from services import wait_http_ready as wait_ready
 from tenants import add_tenant
 from zimage_platform.serve.launcher import RAY_ENV as PLATFORM_RAY_ENV
+from zimage_platform.serve.launcher import init_local_ray
 
 RAY_ENV = {
     **PLATFORM_RAY_ENV,
@@ -57,15 +58,7 @@ def ray_cluster(serve_config, s3, tiny_checkpoint, ray_metrics_port):
 
     env = {**RAY_ENV, "AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key}
     os.environ.update(env)
-    ray.init(
-        _metrics_export_port=ray_metrics_port,
-        num_cpus=8,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        runtime_env={"env_vars": env},
-        logging_level="WARNING",
-        log_to_driver=False,
-    )
+    init_local_ray(8, env, metrics_port=ray_metrics_port)  # the one the platform's launcher starts
     serve.start(http_options={"host": "127.0.0.1", "port": serve_config.serve.port})
     yield ray
     serve.shutdown()

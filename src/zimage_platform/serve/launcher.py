@@ -87,7 +87,13 @@ def prepare_engines(config: PlatformConfig, log: Callable[[str], None] = print) 
 
 def init_local_ray(num_cpus: int | None, env: dict[str, str], *, metrics_port: int | None = None) -> None:
     """A single-node Ray on loopback only, no dashboard, quiet; ``env`` reaches every replica
-    (S3 credentials, RAY_* switches). The platform's launcher and the benchmarks both start it so."""
+    (S3 credentials, RAY_* switches). The platform's launcher, the benchmarks and the tests all
+    start it so.
+
+    Lean: no dashboard UI, and no idle task workers started ahead of time (Ray prestarts one per
+    CPU for the driver's tasks; the platform runs actors only, and on two cores each idle worker
+    costs memory and background CPU: ``python -m bench idle``). Ray's log monitor and autoscaler
+    monitor cannot be switched off through ``ray.init`` (only ``ray start`` has the flags)."""
     import ray
 
     extra = {"_metrics_export_port": metrics_port} if metrics_port else {}
@@ -98,6 +104,7 @@ def init_local_ray(num_cpus: int | None, env: dict[str, str], *, metrics_port: i
         runtime_env={"env_vars": env},
         logging_level="WARNING",
         log_to_driver=False,
+        _system_config={"prestart_worker_first_driver": False},
         **extra,
     )
 
