@@ -174,6 +174,7 @@ class EmbeddedPlatform:
         from ray import serve
 
         from zimage_platform.serve.builder import build_app
+        from zimage_platform.serve.starting import gate_environ
         from zimage_platform.storage.seaweedfs import free_ports
 
         if logging.getLogger().getEffectiveLevel() > logging.INFO:  # not --verbose
@@ -183,6 +184,9 @@ class EmbeddedPlatform:
         config = self.config
         metrics_port = config.telemetry.metrics_port or free_ports(1)[0]
         self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+        # Before ray.init, so that Serve's proxy inherits it: from the moment the port answers
+        # until the app's ingress runs, requests get 503 platform_starting, not Serve's bare 404.
+        os.environ.update(gate_environ(config.serve.route_prefix))
         env = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "RAY_", "ZIMAGE_"))}
         init_local_ray(self.ray_cpus, env, metrics_port=metrics_port)
         serve.start(http_options={"host": config.serve.host, "port": config.serve.port})
