@@ -80,7 +80,9 @@ class StartingGate:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and self.starting(_route_path(scope)):
-            starting = PlatformStarting("zimage-platform is starting and is not serving requests yet; retry shortly")
+            starting = PlatformStarting(
+                "zimage-platform is starting (or stopping) and is not serving requests; retry shortly"
+            )
             await platform_error_response(starting)(scope, receive, send)
             return
         await self.app(scope, receive, send)
