@@ -114,14 +114,16 @@ def dismiss_dialogs(page, timeout_s: float = 10.0) -> None:
 
 
 def run_and_wait_for_image(tab: Tab) -> tuple[str, bytes]:
-    """Press Run; wait for the output image in the UI (an ``<img>`` served by ``/api/view``) and
-    fetch its bytes the way the page does (same cookies). The wait is generous: on two loaded
-    cores the job and the canvas redraw can take over a minute."""
+    """Press Run; wait until the UI loads the output image from ``/api/view`` and fetch its
+    bytes the way the page does (same cookies). The page's own request is the signal, not an
+    ``<img>`` element: the frontend draws a node's preview on the canvas or as an element
+    depending on its mode (CI once timed out with the preview drawn and fetched, no element).
+    The wait is generous: on two loaded cores the job and the redraw can take over a minute."""
     page = tab.page
     dismiss_dialogs(page)
-    page.click('[data-testid="queue-button"]')
-    image = page.wait_for_selector('img[src*="/api/view?"]', timeout=180_000)
-    src = image.get_attribute("src")
+    with page.expect_response(lambda r: "/api/view?" in r.url, timeout=180_000) as shown:
+        page.click('[data-testid="queue-button"]')
+    src = shown.value.url
     response = tab.context.request.get(src)
     assert response.status == 200 and response.headers["content-type"] == "image/png"
     return src, response.body()
