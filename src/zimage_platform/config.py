@@ -203,8 +203,7 @@ class EngineConfig(_Strict):
     backend: Backend = "onnxruntime"
     #: Settings of ``backend: simulated`` (benchmarks only).
     simulated: SimulatedEngineConfig = SimulatedEngineConfig()
-    #: Intra-op threads for torch and ONNX Runtime (0 = one per core of the machine, also inside
-    #: a Ray actor, where torch's own default would be Ray's OMP_NUM_THREADS=1).
+    #: Intra-op threads for torch and ONNX Runtime (0 = the runtime's default).
     threads: int = Field(0, ge=0)
     #: Bytes of prompt embeddings kept in memory per engine replica.
     prompt_cache_bytes: int = Field(64 * 1024 * 1024, ge=0)

@@ -195,23 +195,3 @@ def test_manifest_carries_the_dynamic_profile(config, ort_engine):
     manifest = read_manifest(engine_folder(config, "turbo", "onnxruntime"))
     assert manifest.dynamic_profile == dynamic_profile(config.variant("turbo"), config.engine.max_sequence_length)
     assert "dynamic" not in manifest.buckets
-
-
-def test_threads_zero_is_one_per_core_even_where_ray_forced_one(config, tiny_checkpoint):
-    """``engine.threads: 0`` gives torch every core, as ONNX Runtime's pool: inside a Ray actor
-    with a fractional CPU request torch's default is Ray's ``OMP_NUM_THREADS=1`` (here forced
-    with ``set_num_threads(1)``), which ran the torch backend and the text encoder on one core."""
-    import os
-
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        PipelineEngine(config, "turbo", "torch").load()
-        assert torch.get_num_threads() == (os.cpu_count() or 1)
-        pinned = config.model_copy(update={"engine": config.engine.model_copy(update={"threads": 1})})
-        PipelineEngine(pinned, "turbo", "torch").load()
-        assert torch.get_num_threads() == 1
-    finally:
-        torch.set_num_threads(before)

@@ -9,7 +9,6 @@ progress and hires-fix from the same code.
 from __future__ import annotations
 
 import logging
-import os
 import resource
 import threading
 import time
@@ -281,10 +280,8 @@ class PipelineEngine(BatchEngine):
         reason = self._backend.unavailable_reason()
         if reason:
             raise BackendUnavailable(reason, code=f"{self.backend}_unavailable")
-        # 0: every core, as ONNX Runtime's pool does. Not torch's default: inside a Ray actor
-        # with a fractional CPU request that is one thread (Ray sets OMP_NUM_THREADS=1), which
-        # made the torch backend and every backend's text encoder run on one core of two.
-        torch.set_num_threads(self.config.engine.threads or os.cpu_count() or 1)
+        if self.config.engine.threads:
+            torch.set_num_threads(self.config.engine.threads)
         self.checkpoint = inspect_checkpoint(self.checkpoint_path())
         pipe = load_pipeline(self.checkpoint.path, dtype_for(self.precision, self.device))
         pipe.to(self.device)
