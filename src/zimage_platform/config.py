@@ -203,7 +203,8 @@ class EngineConfig(_Strict):
     backend: Backend = "onnxruntime"
     #: Settings of ``backend: simulated`` (benchmarks only).
     simulated: SimulatedEngineConfig = SimulatedEngineConfig()
-    #: Intra-op threads for torch and ONNX Runtime (0 = the runtime's default).
+    #: Intra-op threads for torch and ONNX Runtime (0 = ``OMP_NUM_THREADS`` where set, as torch
+    #: does; Ray sets it to a replica's reserved CPUs. Else every core).
     threads: int = Field(0, ge=0)
     #: Bytes of prompt embeddings kept in memory per engine replica.
     prompt_cache_bytes: int = Field(64 * 1024 * 1024, ge=0)

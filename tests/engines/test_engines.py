@@ -195,3 +195,20 @@ def test_manifest_carries_the_dynamic_profile(config, ort_engine):
     manifest = read_manifest(engine_folder(config, "turbo", "onnxruntime"))
     assert manifest.dynamic_profile == dynamic_profile(config.variant("turbo"), config.engine.max_sequence_length)
     assert "dynamic" not in manifest.buckets
+
+
+def test_onnx_runtime_threads_follow_omp_num_threads_as_torch_does(monkeypatch):
+    """``engine.threads: 0``: ONNX Runtime's pool takes ``OMP_NUM_THREADS`` (Ray sets it to a
+    replica's reserved CPUs) like torch, else every core; it ignored the variable before."""
+    import os
+
+    from zimage_platform.engines.onnxruntime_backend import default_threads
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert default_threads() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert default_threads() == 3
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert default_threads() == (os.cpu_count() or 1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "not-a-number")
+    assert default_threads() == (os.cpu_count() or 1)
