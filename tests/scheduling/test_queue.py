@@ -125,7 +125,7 @@ def test_deadlines_and_cancellation_remove_items():
     assert ids(q.expire(now=2.0)) == ["late"]
     assert [i.index for i in q.remove_job("gone")] == [0, 1]
     assert len(q) == 1 and q.depth("standard") == 1
-    assert q.position("fine:0") == 0
+    assert q.ahead_of_arrival("standard") == 1 and q.ahead_of_arrival("realtime") == 0
 
 
 def pools(max_batch: int = 4, wait: float = 0.0) -> list[PoolPolicy]:

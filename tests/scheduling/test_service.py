@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from datetime import timedelta
 
 import pytest
@@ -287,6 +288,40 @@ def test_submit_and_wait_reports_admission_before_it_waits(make_scheduler):
 
     was_waiting, submitted = run(go())
     assert was_waiting and submitted.row.status == "succeeded"
+
+
+def test_queueing_behind_a_backlog_costs_the_same_as_into_an_empty_queue(make_scheduler, monkeypatch):
+    """A submission's cost must not grow with the backlog (the scheduler's one event loop serves
+    every class): telling a four-image job its queue position once scanned the whole class queue
+    (the job's later images sit behind its first), so a bulk flood slowed every realtime request.
+    Counted, not timed: queue entries looked at while one job joins another tenant's 1,000
+    queued images."""
+    from zimage_platform.scheduling import queue as queue_module
+
+    async def go():
+        scheduler = await make_scheduler(capacity=0)
+        backlog, _ = await scheduler.submit(job(n=1, tenant="catalogue"))
+        item = next(iter(scheduler.dispatcher.queues["cpu"]._jobs[backlog.id].values()))
+        for i in range(1, 1000):
+            scheduler.dispatcher.submit(replace(item, index=i))
+        looked_at = 0
+        alive = queue_module._alive
+
+        def counting(token, entry):
+            nonlocal looked_at
+            looked_at += 1
+            return alive(token, entry)
+
+        monkeypatch.setattr(queue_module, "_alive", counting)
+        row, _ = await scheduler.submit(job(n=4, params={"prompt": "behind the backlog"}))
+        queued = [e for e in scheduler.hub.history(row.id) if e.type == "queued"]
+        monkeypatch.setattr(queue_module, "_alive", alive)
+        await scheduler.stop()
+        return looked_at, queued
+
+    looked_at, queued = run(go())
+    assert queued[0].data["position"] == 1000
+    assert looked_at < 50, looked_at
 
 
 def test_idempotent_submission_queues_once(make_scheduler):

@@ -118,35 +118,15 @@ class PoolQueue:
             heapq.heappop(self._deadlines)
         return self._deadlines[0][0] if self._deadlines else None
 
-    def position(self, item_id: str) -> int | None:
-        """Items ahead of ``item_id`` in priority order (for "queued, position N" events).
-
-        Fast for what it is asked about (an item just queued, at the tail of every group it
-        could be compared with): O(keys); a group with later arrivals is counted by a scan.
-        """
-        job_id, _, index = item_id.rpartition(":")
-        found = [i for i in self._jobs.get(job_id, {}).values() if str(i.index) == index]
-        if not found:
-            return None
-        item = found[0]
+    def ahead_of_arrival(self, cls: str) -> int:
+        """Items a new arrival of class ``cls`` queues behind (for "queued, position N" events):
+        every item of a higher class and every queued item of its own (each arrived before it).
+        O(classes): asked on every submission, whatever the backlog."""
         ahead = 0
-        for cls in self.classes:
-            if cls == item.priority:
+        for c in self.classes:
+            ahead += self._counts[c]
+            if c == cls:
                 break
-            ahead += self._counts[cls]
-        at = item.enqueued_at
-        for key, group in self._groups[item.priority].items():
-            if group[-1][0] <= item.queue_token and group[-1][1].enqueued_at <= at:
-                # Every entry of this group was added before the item (itself included, if it is here).
-                ahead += self._live[item.priority][key] - (key == item.key)
-            else:
-                ahead += sum(
-                    1
-                    for token, other in group
-                    if _alive(token, other)
-                    and other is not item
-                    and (other.enqueued_at, token) < (at, item.queue_token)
-                )
         return ahead
 
     # -- batching -----------------------------------------------------------------------

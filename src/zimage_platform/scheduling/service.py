@@ -403,6 +403,8 @@ class SchedulerService:
         deadline = None
         if row.deadline_at is not None:
             deadline = now + (row.deadline_at - utcnow()).total_seconds()
+        pool = self.dispatcher.pool_of(row.priority_class)
+        position = self.dispatcher.queues[pool].ahead_of_arrival(row.priority_class)
         active = self._active.get(row.id)
         if active is None:
             active = self._active.add(row.id, _Active(row=row, remaining={i.index for i in pending}))
@@ -431,8 +433,6 @@ class SchedulerService:
                     inline=row.id in self._inline,
                 )
             )
-        pool = self.dispatcher.pool_of(row.priority_class)
-        position = self.dispatcher.queues[pool].position(f"{row.id}:{pending[0].index}")
         self._emit(row, "queued", position=position, pool=pool)
         self._wake.set()
 
