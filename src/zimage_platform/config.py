@@ -510,6 +510,8 @@ class TelemetryConfig(_Strict):
     service_name: str = "zimage-platform"
     environment: str = "embedded"
     export_interval_ms: int = Field(1000, ge=10)
+    #: Share of new traces recorded and exported (a caller's sampled ``traceparent`` is followed).
+    sample_ratio: float = Field(1.0, ge=0.0, le=1.0)
     #: Where the embedded Ray's metrics agent serves Prometheus text (``serve``); 0: a free port.
     metrics_port: int = Field(0, ge=0, le=65535)
 

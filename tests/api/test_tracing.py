@@ -24,7 +24,13 @@ from starlette.routing import Route
 
 from zimage_platform.config import TelemetryConfig
 from zimage_platform.telemetry.metrics import metrics
-from zimage_platform.telemetry.tracing import configure_tracing, exporter_for, instrument_engine
+from zimage_platform.telemetry.tracing import (
+    PlatformTracerProvider,
+    configure_tracing,
+    context_of,
+    exporter_for,
+    instrument_engine,
+)
 
 
 @pytest.fixture
@@ -179,3 +185,33 @@ async def test_a_comfy_path_key_reaches_no_span_metric_or_log(client: httpx.Asyn
     assert not leaked, leaked
     targets = {s.attributes.get("http.target") or s.attributes.get("url.path") for s in server}
     assert {"/queue", "/api/history"} <= targets, targets
+
+
+def test_without_an_exporter_spans_carry_trace_ids_but_are_not_recorded():
+    """``exporter: none``: trace ids still exist and propagate (callers, job rows, bills, S3
+    metadata carry them), but no span is built for nobody; the first span processor turns
+    recording on (tests and tools add theirs after start-up)."""
+    provider = PlatformTracerProvider(resource=Resource.create({}))
+    tracer = provider.get_tracer("test")
+    with tracer.start_as_current_span("request") as outer, tracer.start_as_current_span("child") as inner:
+        assert not outer.is_recording() and not inner.is_recording()
+        assert outer.get_span_context().is_valid
+        assert inner.get_span_context().trace_id == outer.get_span_context().trace_id
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    with tracer.start_as_current_span("request") as recorded:
+        assert recorded.is_recording()
+    assert [s.name for s in exporter.get_finished_spans()] == ["request"]
+
+
+def test_sample_ratio_records_a_share_of_new_traces_and_follows_a_sampled_caller():
+    exporter = InMemorySpanExporter()
+    provider = PlatformTracerProvider(resource=Resource.create({}), sample_ratio=0.0)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("test")
+    with tracer.start_as_current_span("new trace") as span:
+        assert not span.is_recording() and span.get_span_context().is_valid
+    caller = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
+    with tracer.start_as_current_span("followed", context=context_of(caller)) as span:
+        assert span.is_recording()
+    assert [s.name for s in exporter.get_finished_spans()] == ["followed"]

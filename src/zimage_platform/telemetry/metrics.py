@@ -31,6 +31,10 @@ class _Metric:
     ):
         self.labels = tuple(labels)
         self.kind = kind
+        #: A gauge's last value per label set: setting the same value again is skipped (the
+        #: scheduler publishes its gauges on every dispatch decision; most do not change).
+        self._last: dict[tuple[str, ...], float] = {}
+        self._set_lock = threading.Lock()
         if backend == "ray":
             from ray.util import metrics as ray_metrics
 
@@ -61,10 +65,16 @@ class _Metric:
             self._m.labels(**self._tags(labels)).inc(value)
 
     def set(self, value: float, **labels: Any) -> None:
-        if self._ray:
-            self._m.set(value, tags=self._tags(labels))
-        else:
-            self._m.labels(**self._tags(labels)).set(value)
+        tags = self._tags(labels)
+        series = tuple(tags.values())
+        with self._set_lock:
+            if self._last.get(series) == value:
+                return
+            self._last[series] = value
+            if self._ray:
+                self._m.set(value, tags=tags)
+            else:
+                self._m.labels(**tags).set(value)
 
     def observe(self, value: float, **labels: Any) -> None:
         if self._ray:

@@ -20,8 +20,9 @@ from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
 from opentelemetry.propagate import extract, inject
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, Sampler, SamplingResult, TraceIdRatioBased
 
 from zimage_platform import __version__
 
@@ -50,6 +51,39 @@ def exporter_for(config: TelemetryConfig) -> SpanExporter | None:
     return None
 
 
+class _WhileExporting(Sampler):
+    """Records spans only once the provider has a processor to hand them to. With ``exporter:
+    none`` every span is still started, so trace ids exist (returned to callers, stored with jobs,
+    bills and objects) and travel on, but none is recorded: no attributes, events or statement
+    spans are built for nobody (on the scheduler that was a tenth of its CPU under load)."""
+
+    def __init__(self, delegate: Sampler) -> None:
+        self.delegate = delegate
+        self.exporting = False
+
+    def should_sample(
+        self, parent_context, trace_id, name, kind=None, attributes=None, links=None, trace_state=None
+    ) -> SamplingResult:
+        chosen = self.delegate if self.exporting else ALWAYS_OFF
+        return chosen.should_sample(parent_context, trace_id, name, kind, attributes, links, trace_state)
+
+    def get_description(self) -> str:
+        return f"WhileExporting{{{self.delegate.get_description()}}}"
+
+
+class PlatformTracerProvider(TracerProvider):
+    """A provider whose spans are recorded from its first span processor on (tests and tools
+    may add one later, e.g. an in-memory exporter)."""
+
+    def __init__(self, *, resource: Resource, sample_ratio: float = 1.0) -> None:
+        self._gate = _WhileExporting(ParentBased(TraceIdRatioBased(sample_ratio)))
+        super().__init__(resource=resource, sampler=self._gate)
+
+    def add_span_processor(self, span_processor: SpanProcessor) -> None:
+        super().add_span_processor(span_processor)
+        self._gate.exporting = True
+
+
 def configure_tracing(
     config: TelemetryConfig, component: str, *, exporter: SpanExporter | None = None
 ) -> TracerProvider:
@@ -68,7 +102,7 @@ def configure_tracing(
                 "zimage.component": component,
             }
         )
-        provider = TracerProvider(resource=resource)
+        provider = PlatformTracerProvider(resource=resource, sample_ratio=config.sample_ratio)
         chosen = exporter or exporter_for(config)
         if chosen is not None:
             provider.add_span_processor(BatchSpanProcessor(chosen, schedule_delay_millis=config.export_interval_ms))
