@@ -44,6 +44,7 @@ from bench.common import (
     Render,
     Target,
     add_tenant,
+    cpu_by_process,
     engine_description,
     engine_meta,
     fmt_num,
@@ -54,6 +55,7 @@ from bench.common import (
     ratio,
     read_json,
     run_meta,
+    tree_cpu_s,
     wait_all_ready,
     with_engine,
     write_json,
@@ -282,14 +284,17 @@ async def run_phases(
     bulk_limit_factor: float,
     calibration_images: int,
     drain_timeout_s: float,
+    capacity: float | None = None,
 ) -> dict[str, Any]:
     import httpx
 
     limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
     async with httpx.AsyncClient(timeout=300, limits=limits) as http:
-        log("calibrating capacity …")
-        capacity = await calibrate(http, url, keys[CALIBRATION], size, config, calibration_images)
-        log(f"capacity: {capacity:.2f} images/s")
+        calibrated = capacity is None
+        if capacity is None:
+            log("calibrating capacity …")
+            capacity = await calibrate(http, url, keys[CALIBRATION], size, config, calibration_images)
+        log(f"capacity: {capacity:.2f} images/s ({'calibrated' if calibrated else 'given'})")
         bulk_limit = max(1, int(bulk_limit_factor * capacity * 60))
         keys[BULK] = add_tenant(
             config,
@@ -307,11 +312,13 @@ async def run_phases(
         flood = Phase("flood", seconds=flood_s, started_at=time.time())
         jobs_per_s = flood_factor * capacity / bulk_n
         log(f"flood for {flood_s:.0f} s: bulk offers {jobs_per_s * bulk_n:.1f} images/s, realtime continues …")
+        cpu_before, flood_started = tree_cpu_s(), time.perf_counter()
         await asyncio.gather(
             realtime_load(http, url, keys[REALTIME], size, interval, flood_s, flood),
             bulk_flood(http, url, keys[BULK], size, jobs_per_s, bulk_n, flood_s, flood),
         )
         flood_end = time.time()
+        cpu_flood = cpu_by_process(cpu_before, tree_cpu_s(), time.perf_counter() - flood_started)
     log(f"draining {len(flood.bulk_accepted)} accepted bulk jobs …")
     final, drain_s = await drain(config, set(flood.bulk_accepted), drain_timeout_s)
     _, by_id, done_at = job_statuses(config, BULK)
@@ -322,12 +329,14 @@ async def run_phases(
             "flood": realtime_breakdown(config, flood.started_at, flood_end),
         },
         "capacity_images_per_s": capacity,
+        "capacity_calibrated": calibrated,
         "bulk_images_per_minute_limit": bulk_limit,
         "phases": {p.name: p.to_dict() for p in (alone, flood)},
         "bulk_images_done_during_flood": len(in_window),
         "bulk_jobs_in_database": len(by_id),
         "bulk_final_status": dict(final),
         "drain_s": drain_s,
+        "flood_cpu_by_process": cpu_flood,
     }
 
 
@@ -366,7 +375,8 @@ def markdown(meta: dict[str, Any], results: dict[str, Any]) -> str:
     rows = [
         [
             meta["size"],
-            f"{results['capacity_images_per_s']:.2f}",
+            f"{results['capacity_images_per_s']:.2f}"
+            + ("" if results.get("capacity_calibrated", True) else " (given)"),
             f"{fmt_num(s['p50_alone_s'], '.2f')} / {fmt_num(s['p95_alone_s'], '.2f')}",
             f"{fmt_num(s['p50_flood_s'], '.2f')} / {fmt_num(s['p95_flood_s'], '.2f')}",
             fmt_num(s["p95_ratio"], ".2f", "×"),
@@ -411,6 +421,13 @@ def markdown(meta: dict[str, Any], results: dict[str, Any]) -> str:
         f"- realtime requests that failed: {s['realtime_errors']}; "
         f"bulk jobs in the database = accepted: {s['jobs_in_db_match']}",
     ]
+    cpu = results.get("flood_cpu_by_process")
+    if cpu:
+        top = ", ".join(f"{name} {share:.2f}" for name, share in list(cpu.items())[:8] if share >= 0.01)
+        lines.append(
+            f"- CPU during the flood, share of one core (this run's processes, the load generator "
+            f"`bench` included; {meta.get('logical_cores', '?')} cores): {top}; all {sum(cpu.values()):.2f}"
+        )
     return "\n".join(lines)
 
 
@@ -427,6 +444,14 @@ def main(
     threads: Annotated[int, typer.Option(min=1, help="Intra-op threads per engine replica.")] = 1,
     calibration_images: Annotated[int, typer.Option(min=8, help="Images in the capacity calibration.")] = 128,
     drain_timeout: Annotated[float, typer.Option(min=10, help="Seconds to wait for accepted jobs to finish.")] = 900,
+    capacity: Annotated[
+        float | None,
+        typer.Option(
+            min=0.1,
+            help="Images/s the flood and the bulk limit are sized by, instead of calibrating it: "
+            "the same offered load in runs that compare two versions.",
+        ),
+    ] = None,
     engine: EngineChoice = "real",
     json_out: JsonOut = None,
     render: Render = None,
@@ -468,6 +493,7 @@ def main(
                 bulk_limit_factor=bulk_limit_factor,
                 calibration_images=calibration_images,
                 drain_timeout_s=drain_timeout,
+                capacity=capacity,
             )
         )
     meta["load_average_after"] = os.getloadavg()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import platform
+import re
 import resource
 import shlex
 import statistics
@@ -28,6 +29,7 @@ from bench.services import Lifecycle, free_port
 
 if TYPE_CHECKING:
     import httpx
+    import psutil
     from ray.serve import Application
 
     from zimage_platform.config import PlatformConfig, VariantSpec
@@ -317,6 +319,61 @@ def own_tree_cpu_s() -> float:
             continue
         total += times.user + times.system
     return total
+
+
+def process_name(process: psutil.Process) -> str:
+    """A process as a person names it: Ray's title (``ray::ServeController``), a program's name
+    (``raylet``, ``weed``), or for Python what it runs (``log_monitor.py``, ``zimage_platform.cli``)."""
+    import psutil
+
+    try:
+        line = process.cmdline()
+    except psutil.Error:
+        return "?"
+    if not line:
+        return "?"
+    if line[0].startswith("ray::"):
+        return line[0]
+    program = Path(line[0]).name
+    if not program.startswith("python"):
+        return program
+    args = iter(line[1:])
+    for arg in args:
+        if arg == "-m":
+            return next(args, program)
+        if arg == "-c":
+            return f"{program} -c"
+        if not arg.startswith("-"):
+            return Path(arg).name
+    return program
+
+
+def tree_cpu_s() -> dict[int, tuple[str, float]]:
+    """CPU seconds of each live process of this tree (the benchmark, Ray and every worker and
+    replica it runs, SeaweedFS): ``pid → (name, seconds)``."""
+    import psutil
+
+    me = psutil.Process()
+    readings = {}
+    for process in [me, *me.children(recursive=True)]:
+        try:
+            times = process.cpu_times()
+            readings[process.pid] = (process_name(process), times.user + times.system)
+        except psutil.Error:  # exited meanwhile
+            continue
+    return readings
+
+
+def cpu_by_process(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], seconds: float):
+    """Share of one core each process name used between two :func:`tree_cpu_s` readings (a Serve
+    replica by its deployment: ``ray::ServeReplica:<app>:Scheduler.<method>`` → ``Scheduler``),
+    largest first; processes alive at both readings only."""
+    shares: dict[str, float] = {}
+    for pid, (name, end) in after.items():
+        if pid in before and seconds > 0:
+            short = re.sub(r"^ray::ServeReplica:[^:]+:([^.]+).*$", r"\1", name)
+            shares[short] = shares.get(short, 0.0) + (end - before[pid][1]) / seconds
+    return dict(sorted(shares.items(), key=lambda item: -item[1]))
 
 
 def wait_for_others_quiet(max_noise: float, limit_s: float) -> float:

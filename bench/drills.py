@@ -60,6 +60,7 @@ from bench.common import (
     log,
     markdown_table,
     percentile,
+    process_name,
     read_json,
     run_meta,
     with_engine,
@@ -674,33 +675,6 @@ async def platform_kill(stage: Stage, tenant: str) -> Fault:
             "jobs_in_flight": in_flight,
         },
     )
-
-
-def process_name(process: psutil.Process) -> str:
-    """A process as a person names it: Ray's title (``ray::ServeController``), a program's name
-    (``raylet``, ``weed``), or for Python what it runs (``log_monitor.py``, ``zimage_platform.cli``)."""
-    import psutil
-
-    try:
-        line = process.cmdline()
-    except psutil.Error:
-        return "?"
-    if not line:
-        return "?"
-    if line[0].startswith("ray::"):
-        return line[0]
-    program = Path(line[0]).name
-    if not program.startswith("python"):
-        return program
-    args = iter(line[1:])
-    for arg in args:
-        if arg == "-m":
-            return next(args, program)
-        if arg == "-c":
-            return f"{program} -c"
-        if not arg.startswith("-"):
-            return Path(arg).name
-    return program
 
 
 async def s3_down(stage: Stage, tenant: str) -> Fault:

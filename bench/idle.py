@@ -30,12 +30,13 @@ from bench.common import (
     log,
     machine_line,
     markdown_table,
+    process_name,
     read_json,
     report_heading,
     run_meta,
     write_json,
 )
-from bench.drills import ServedPlatform, platform_settings, process_name
+from bench.drills import ServedPlatform, platform_settings
 from bench.services import free_port
 
 

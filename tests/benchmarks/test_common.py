@@ -155,3 +155,25 @@ def test_an_outage_restarts_the_server_also_when_cancelled():
 
     asyncio.run(cancelled())
     assert cut.events == ["stop", "start"]
+
+
+def test_cpu_by_process_names_replicas_by_deployment_and_sums_them():
+    from bench.common import cpu_by_process
+
+    before = {
+        1: ("ray::ServeReplica:burst:Scheduler.handle_request", 10.0),
+        2: ("ray::ServeReplica:burst:Engine-turbo-bulk", 1.0),
+        3: ("ray::ServeReplica:burst:Engine-turbo-bulk.handle_request_with_rejection", 1.0),
+        4: ("weed", 5.0),
+        5: ("raylet", 0.0),
+    }
+    after = {
+        1: ("ray::ServeReplica:burst:Scheduler", 16.0),  # the title names the method it runs now
+        2: ("ray::ServeReplica:burst:Engine-turbo-bulk", 2.0),
+        3: ("ray::ServeReplica:burst:Engine-turbo-bulk", 3.0),
+        4: ("weed", 5.5),
+        6: ("ray::IDLE", 9.0),  # started meanwhile: no reading before, not counted
+    }
+    shares = cpu_by_process(before, after, seconds=10.0)
+    assert shares == pytest.approx({"Scheduler": 0.6, "Engine-turbo-bulk": 0.3, "weed": 0.05})
+    assert list(shares) == ["Scheduler", "Engine-turbo-bulk", "weed"]

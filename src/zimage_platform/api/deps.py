@@ -1,7 +1,14 @@
-"""FastAPI dependencies: the platform services, the caller's tenant, the trace context."""
+"""FastAPI dependencies: the platform services, the caller's tenant, the trace context.
+
+All ``async`` (as every route): FastAPI runs a plain ``def`` in anyio's thread pool, and under
+Ray Serve's event loop each such call first scans every task of the loop (anyio finds no root
+task there), which under a flood of requests became the ingress's largest cost. Blocking work
+goes to ``asyncio.to_thread`` (tests/api/test_event_loop_path.py keeps it so).
+"""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
@@ -17,7 +24,7 @@ from zimage_platform.tenancy import TenantSpec
 MAX_QUERY_INT = 2**31 - 1
 
 
-def services(request: Request) -> PlatformServices:
+async def services(request: Request) -> PlatformServices:
     return request.app.state.services
 
 
@@ -29,30 +36,33 @@ def api_key_from(authorization: str | None, x_api_key: str | None) -> str | None
     return None
 
 
-def tenant(
+async def tenant(
     request: Request,
     authorization: Annotated[str | None, Header()] = None,
     x_api_key: Annotated[str | None, Header()] = None,
 ) -> TenantSpec:
-    """The caller's tenant: 401 without a valid key, 403 when suspended, 429 over its request rate."""
+    """The caller's tenant: 401 without a valid key, 403 when suspended, 429 over its request rate.
+    The key check is in memory; re-reading the tenant files, when due, runs in a worker thread."""
     services: PlatformServices = request.app.state.services
+    registry = services.tenants
+    if registry.reload_due():
+        await asyncio.to_thread(registry.reload)
     with span("auth"):
-        found = services.tenants.authenticate(api_key_from(authorization, x_api_key))
-    return admit(request, found)
+        found = registry.authenticate(api_key_from(authorization, x_api_key))
+    return await admit(request, found)
 
 
-def admit(request: Request, found: TenantSpec) -> TenantSpec:
-    """Count an authenticated request against its tenant's request rate (429 over it). A plain
-    function, like :func:`tenant`: FastAPI runs it in a worker thread, so a Redis round trip
-    (bounded by ``tenancy.redis_timeout_s``) never blocks the event loop."""
+async def admit(request: Request, found: TenantSpec) -> TenantSpec:
+    """Count an authenticated request against its tenant's request rate (429 over it); a Redis
+    round trip (bounded by ``tenancy.redis_timeout_s``) runs in a worker thread, never on the loop."""
     services: PlatformServices = request.app.state.services
     request.state.tenant_id = found.id
     with span("rate_limit", tenant=found.id, backend=services.rate_limiter.backend):
-        request.state.rate = services.rate_limiter.check_request(found.id, found.limits.requests_per_minute)
+        request.state.rate = await services.rate_limiter.acheck_request(found.id, found.limits.requests_per_minute)
     return found
 
 
-def trace(request: Request) -> RequestTrace:
+async def trace(request: Request) -> RequestTrace:
     return RequestTrace.current()
 
 

@@ -62,6 +62,11 @@ class TenantRegistry:
         files = sorted(p for d in self.dirs if d.is_dir() for p in d.glob("*.yaml"))
         return tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in files)
 
+    def reload_due(self) -> bool:
+        """Whether the next lookup re-reads the tenant files (an event loop does that in a worker
+        thread first, so the lookup itself stays in memory)."""
+        return time.monotonic() - self._checked >= self.reload_s
+
     def reload(self, *, force: bool = False) -> None:
         now = time.monotonic()
         if not force and now - self._checked < self.reload_s:

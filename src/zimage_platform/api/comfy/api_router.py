@@ -80,7 +80,7 @@ def _without_key(scope: Scope, match: re.Match[str], root: str) -> Scope:
     return {**scope, "path": root + rest, "raw_path": raw_root + raw_rest, "headers": headers}
 
 
-def comfy(request: Request) -> ComfyService:
+async def comfy(request: Request) -> ComfyService:
     return _service(request.app)
 
 
@@ -91,7 +91,7 @@ def _service(app) -> ComfyService:
     return service
 
 
-def comfy_tenant(
+async def comfy_tenant(
     request: Request,
     authorization: Annotated[str | None, Header()] = None,
     x_api_key: Annotated[str | None, Header()] = None,
@@ -100,11 +100,14 @@ def comfy_tenant(
     header, else the browser's session cookie (CSRF-checked when the request changes state)."""
     try:
         if deps.api_key_from(authorization, x_api_key) is None:
-            with span("auth", method="session"):
-                found = frontend(request.app).cookie_tenant(request, changes_state=request.method not in SAFE_METHODS)
+            changes_state = request.method not in SAFE_METHODS
+            with span("auth", method="session"):  # the session row is read in a worker thread
+                found = await asyncio.to_thread(
+                    frontend(request.app).cookie_tenant, request, changes_state=changes_state
+                )
             if found is not None:
-                return deps.admit(request, found)
-        return deps.tenant(request, authorization, x_api_key)
+                return await deps.admit(request, found)
+        return await deps.tenant(request, authorization, x_api_key)
     except PlatformError as exc:
         raise ComfyError.from_platform(exc) from None
 
@@ -304,9 +307,9 @@ async def get_object_info_node(node_class: str, service: Comfy, tenant: Tenant) 
 
 
 @router.get("/system_stats")
-def get_system_stats(service: Comfy, tenant: Tenant) -> dict:
-    """A sync route: FastAPI runs it in its thread pool (it reads /proc and package metadata)."""
-    return service.system_stats()
+async def get_system_stats(service: Comfy, tenant: Tenant) -> dict:
+    """In a worker thread: it reads /proc and package metadata."""
+    return await asyncio.to_thread(service.system_stats)
 
 
 @router.get("/features")

@@ -114,9 +114,9 @@ async def template(name: str) -> Response:
 
 
 @comfy_routes.get("/extensions")
-def extensions(request: Request, tenant: Tenant) -> list:
-    """A sync route (FastAPI's thread pool): it walks the frontend's folder on disk."""
-    return frontend(request.app).extensions()
+async def extensions(request: Request, tenant: Tenant) -> list:
+    """In a worker thread: it walks the frontend's folder on disk."""
+    return await asyncio.to_thread(frontend(request.app).extensions)
 
 
 @comfy_routes.get("/i18n")

@@ -64,20 +64,20 @@ async def create_job(
 
 
 @router.get("", response_model=JobList)
-def list_jobs(
+async def list_jobs(
     services: Services,
     tenant: Tenant,
     status: Annotated[str | None, Query(pattern="^(queued|running|succeeded|failed|cancelled)$")] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
 ) -> dict:
-    return {"object": "list", "data": serving.list_jobs(services, tenant, status, limit)}
+    return {"object": "list", "data": await asyncio.to_thread(serving.list_jobs, services, tenant, status, limit)}
 
 
 @router.get("/{job_id}", response_model=Job)
-def get_job(job_id: str, services: Services, tenant: Tenant) -> dict:
-    """Status, per-image presigned URLs, seeds, per-stage timings, trace id, errors with reasons.
-    (Sync routes run in FastAPI's thread pool: their store reads never stall the event loop.)"""
-    return serving.get_job(services, tenant, job_id)
+async def get_job(job_id: str, services: Services, tenant: Tenant) -> dict:
+    """Status, per-image presigned URLs, seeds, per-stage timings, trace id, errors with reasons
+    (read and presigned in a worker thread: the store never stalls the event loop)."""
+    return await asyncio.to_thread(serving.get_job, services, tenant, job_id)
 
 
 @router.get("/{job_id}/events", response_class=EventSourceResponse)
