@@ -249,16 +249,16 @@ class Target:
         return asdict(self) | {"verdict": self.verdict}
 
 
-def parse_ints(text: str, *, param: str) -> list[int]:
-    """A comma-separated list of positive integers (a typer option)."""
+def parse_ints(text: str, *, param: str, minimum: int = 1) -> list[int]:
+    """A comma-separated list of integers, each at least ``minimum`` (a typer option)."""
     import typer
 
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise typer.BadParameter(f"{text!r} is not a comma-separated list of integers", param_hint=param) from None
-    if not values or min(values) < 1:
-        raise typer.BadParameter(f"{text!r}: give at least one integer, each at least 1", param_hint=param)
+    if not values or min(values) < minimum:
+        raise typer.BadParameter(f"{text!r}: give at least one integer, each at least {minimum}", param_hint=param)
     return values
 
 
