@@ -83,8 +83,8 @@ async def test_a_database_outage_answers_503_and_is_counted():
 
 
 def test_a_gauge_set_to_the_value_it_holds_is_not_set_again():
-    """The scheduler publishes its gauges on every dispatch decision; re-setting an unchanged
-    value on Ray's metrics cost it ~3 % of its CPU under load."""
+    """The scheduler publishes its gauges on every dispatch decision; most do not change (on
+    Ray's metrics every value is recorded again: its exporter loses gauges that are not)."""
     from zimage_platform.telemetry.metrics import PlatformMetrics
 
     registry = PlatformMetrics("prometheus")

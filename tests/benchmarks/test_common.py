@@ -76,7 +76,7 @@ def test_a_measured_cell_keeps_its_samples_and_the_quiet_wait(capsys):
     thread.start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}"
-        runs = ClosedLoopRuns(rounds=1, warmup_s=0.0, duration_s=0.3, max_noise=1.0, quiet_wait=0.0, max_requests=5)
+        runs = ClosedLoopRuns(rounds=1, warmup_s=0.0, duration_s=30.0, max_noise=1.0, quiet_wait=0.0, max_requests=5)
         cell = runs.measure(url, "key", "merge", "64x64", 2, 0, "merge    64x64   ")
     finally:
         server.shutdown()

@@ -31,8 +31,9 @@ class _Metric:
     ):
         self.labels = tuple(labels)
         self.kind = kind
-        #: A gauge's last value per label set: setting the same value again is skipped (the
-        #: scheduler publishes its gauges on every dispatch decision; most do not change).
+        #: A gauge's last value per label set: the same value again is skipped (the scheduler
+        #: publishes its gauges on every dispatch decision; most do not change). Not on Ray: its
+        #: exporter lost gauges that were not recorded again (tests/serve/test_metrics_export.py).
         self._last: dict[tuple[str, ...], float] = {}
         self._set_lock = threading.Lock()
         if backend == "ray":
@@ -66,15 +67,15 @@ class _Metric:
 
     def set(self, value: float, **labels: Any) -> None:
         tags = self._tags(labels)
+        if self._ray:
+            self._m.set(value, tags=tags)
+            return
         series = tuple(tags.values())
         with self._set_lock:
             if self._last.get(series) == value:
                 return
             self._last[series] = value
-            if self._ray:
-                self._m.set(value, tags=tags)
-            else:
-                self._m.labels(**tags).set(value)
+            self._m.labels(**tags).set(value)
 
     def observe(self, value: float, **labels: Any) -> None:
         if self._ray:
