@@ -56,6 +56,20 @@ async def test_image_rate_limit_counts_images(client: httpx.AsyncClient, tight):
     assert await jobs_of(client, tight["ipm"]) == 1
 
 
+async def test_a_full_images_window_is_refused_before_the_request_is_read(client: httpx.AsyncClient, api_config):
+    """A flood over its limit costs the ingress next to nothing: once the tenant's window is
+    full, its next generation request is a 429 before its body is validated or a job prepared
+    (an invalid body gets the 429 too; it could not be accepted before the window frees up)."""
+    key = add_tenant(api_config, "full-window", limits={"images_per_minute": 2})
+    await asyncio.sleep(api_config.tenancy.reload_s + 1.0)
+    assert (await client.post("/v1/jobs", json={"prompt": "x", "n": 2, **FAST}, headers=as_(key))).status_code == 202
+    for path, body in (("/v1/jobs", {"prompt": "x", "size": "bogus"}), ("/v1/images/generations", {"prompt": 7})):
+        refused = await client.post(path, json=body, headers=as_(key))
+        assert refused.status_code == 429 and refused.json()["error"]["code"] == "rate_limited", refused.text
+        assert refused.headers["x-ratelimit-kind"] == "images" and int(refused.headers["retry-after"]) >= 1
+    assert (await client.get("/v1/jobs", headers=as_(key))).status_code == 200  # reading is not refused
+
+
 async def test_redis_down_requests_pass_images_answer_503(client: httpx.AsyncClient, platform, api_config, monkeypatch):
     """The shared rate-limit store is unreachable: calls still answer (requests/min on this
     replica's share, flagged), generation answers 503 rate_limiter_unavailable with Retry-After

@@ -43,6 +43,26 @@ def test_images_cost_their_count(limiter):
         limiter.check_images(tenant, 10, 11)  # never fits
 
 
+def test_a_full_images_window_is_refused_without_a_store_call(limiter, monkeypatch):
+    """Once a decision leaves the window empty, nothing can pass until its oldest hit expires:
+    the next request is refused from memory (a flood over its limit costs no round trip)."""
+    tenant = f"t-{uuid.uuid4().hex[:6]}"
+    limiter.refuse_if_exhausted(tenant, 8)  # nothing known: no refusal
+    limiter.check_images(tenant, 8, 4)
+    limiter.refuse_if_exhausted(tenant, 8)  # 4 left
+    limiter.check_images(tenant, 8, 4)
+    monkeypatch.setattr(limiter, "_hit_store", lambda *a, **k: pytest.fail("the store was asked"))
+    with pytest.raises(RateLimited) as err:
+        limiter.refuse_if_exhausted(tenant, 8)
+    assert err.value.headers["X-RateLimit-Kind"] == "images" and err.value.headers["X-RateLimit-Remaining"] == "0"
+    assert 1 <= err.value.retry_after_s <= 61
+    limiter.refuse_if_exhausted(tenant, 9)  # the operator raised the limit: not known to be full
+    limiter.refuse_if_exhausted(f"{tenant}-other", 8)
+    later = time.time() + 61
+    monkeypatch.setattr(time, "time", lambda: later)
+    limiter.refuse_if_exhausted(tenant, 8)  # its oldest hit has expired: asked again, not refused here
+
+
 def test_two_replicas_share_one_limit_on_redis(redis_url):
     prefix = f"zimage-test-{uuid.uuid4().hex[:8]}"
     a, b = (TenantRateLimiter("redis", redis_url=redis_url, key_prefix=prefix) for _ in range(2))

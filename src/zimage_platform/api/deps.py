@@ -62,10 +62,19 @@ async def admit(request: Request, found: TenantSpec) -> TenantSpec:
     return found
 
 
+async def generating(request: Request, tenant: Annotated[TenantSpec, Depends(tenant)]) -> TenantSpec:
+    """:func:`tenant`, for routes that create images: a tenant whose images-per-minute window is
+    known to be full is refused (429) before its request is parsed or validated."""
+    services: PlatformServices = request.app.state.services
+    services.rate_limiter.refuse_if_exhausted(tenant.id, tenant.limits.images_per_minute)
+    return tenant
+
+
 async def trace(request: Request) -> RequestTrace:
     return RequestTrace.current()
 
 
 Services = Annotated[PlatformServices, Depends(services)]
 Tenant = Annotated[TenantSpec, Depends(tenant)]
+Generating = Annotated[TenantSpec, Depends(generating)]
 Trace = Annotated[RequestTrace, Depends(trace)]

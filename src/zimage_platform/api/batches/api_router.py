@@ -10,7 +10,7 @@ from fastapi import APIRouter, File, Form, Header, Query, Response, UploadFile
 from zimage_platform.api.batches import serving
 from zimage_platform.api.batches.protocol import Batch, BatchRequest
 from zimage_platform.api.body import StrictJSONRoute, loads, parse_model
-from zimage_platform.api.deps import Services, Tenant, Trace
+from zimage_platform.api.deps import Generating, Services, Tenant, Trace
 from zimage_platform.errors import InvalidRequest
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"], route_class=StrictJSONRoute)
@@ -25,7 +25,7 @@ router = APIRouter(prefix="/v1/batches", tags=["batches"], route_class=StrictJSO
 async def create_batch(
     response: Response,
     services: Services,
-    tenant: Tenant,
+    tenant: Generating,
     trace: Trace,
     file: Annotated[UploadFile, File(description="CSV (header row) or JSONL (.jsonl), one image request per row.")],
     request: Annotated[str, Form(description="BatchRequest as JSON: template, defaults, webhook_url.")] = "{}",

@@ -142,6 +142,10 @@ async def get_prompt(service: Comfy, tenant: Tenant) -> dict:
 @router.post("/prompt")
 async def post_prompt(request: Request, service: Comfy, tenant: Tenant, trace: Trace) -> dict:
     """Queue an API-format graph: ``{prompt, client_id?, prompt_id?, extra_data?, number?, front?}``."""
+    try:  # a tenant whose images window is full: refused before the graph is read and compiled
+        service.services.rate_limiter.refuse_if_exhausted(tenant.id, tenant.limits.images_per_minute)
+    except PlatformError as exc:
+        raise ComfyError.from_platform(exc) from None
     body = await _json(request)
     with span("comfy.prompt", tenant=tenant.id):
         return await service.queue_prompt(tenant, body, trace)

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Header, UploadFile
 
 from zimage_platform.api.body import StrictJSONRoute, parse_model
-from zimage_platform.api.deps import Services, Tenant, Trace
+from zimage_platform.api.deps import Generating, Services, Trace
 from zimage_platform.api.images import serving
 from zimage_platform.api.images.protocol import ImageGenerationRequest, ImagesResponse
 from zimage_platform.errors import InvalidRequest
@@ -23,7 +23,7 @@ IdempotencyKey = Annotated[str | None, Header(max_length=255)]
 async def create_images(
     body: ImageGenerationRequest,
     services: Services,
-    tenant: Tenant,
+    tenant: Generating,
     trace: Trace,
     idempotency_key: IdempotencyKey = None,
 ) -> dict:
@@ -34,7 +34,7 @@ async def create_images(
 @router.post("/edits", response_model=ImagesResponse, response_model_exclude_none=True)
 async def edit_images(
     services: Services,
-    tenant: Tenant,
+    tenant: Generating,
     trace: Trace,
     image: Annotated[UploadFile, File(description="The image to edit (PNG, JPEG, WebP).")],
     prompt: Annotated[str, Form()],

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from sse_starlette.sse import EventSourceResponse
 
 from zimage_platform.api.body import StrictJSONRoute, json_or_multipart
-from zimage_platform.api.deps import Services, Tenant, Trace
+from zimage_platform.api.deps import Generating, Services, Tenant, Trace
 from zimage_platform.api.jobs import serving
 from zimage_platform.api.jobs.protocol import Job, JobList, JobRequest
 from zimage_platform.api.streams import event_stream
@@ -47,7 +47,7 @@ async def create_job(
     request: Request,
     response: Response,
     services: Services,
-    tenant: Tenant,
+    tenant: Generating,
     trace: Trace,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> dict:
