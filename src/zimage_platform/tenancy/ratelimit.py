@@ -146,7 +146,7 @@ class TenantRateLimiter:
         self.backend = backend
         self.replicas = max(1, replicas)
         self.breaker = CircuitBreaker(retry_s)
-        #: (kind, tenant, limit) → the decision that left that window with nothing: until its oldest
+        #: ("images", tenant, limit) → the decision that left that window with nothing: until its oldest
         #: hit expires (``reset_at``) no request can pass, so :meth:`refuse_if_exhausted` refuses
         #: without a store call or a parsed body (a flood over its limit then costs next to nothing).
         self._exhausted: dict[tuple[str, str, int], RateDecision] = {}
@@ -185,9 +185,9 @@ class TenantRateLimiter:
         return RateDecision(allowed, kind, per_minute, stats.remaining, stats.reset_time, degraded)
 
     def _hit(self, kind: str, tenant_id: str, per_minute: int, cost: int, *, dial: bool = True) -> RateDecision:
-        """The decision for one hit (a window left empty is remembered until it frees up)."""
+        """The decision for one hit (an images window left empty is remembered until it frees up)."""
         decision = self._hit_store(kind, tenant_id, per_minute, cost, dial=dial)
-        if decision.remaining <= 0 and not decision.degraded:
+        if kind == "images" and decision.remaining <= 0 and not decision.degraded:
             self._exhausted[(kind, tenant_id, per_minute)] = decision
         return decision
 
