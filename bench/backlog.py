@@ -122,25 +122,24 @@ def _hop_cell(tasks: int, calls: int) -> dict[str, float]:
     return {"tasks": tasks, **outcome}
 
 
+def _flat(name: str, first: float, last: float) -> Target:
+    return Target(name, last / first, FLAT_TARGET, "≤", unit="×")
+
+
 def summarize(results: dict[str, Any]) -> list[Target]:
     sched, hops = results["scheduler"], results["thread_hop"]
-    targets = [
-        Target(
+    return [
+        _flat(
             f"scheduler: loop CPU per submission at {sched[-1]['backlog']:,} queued ÷ at {sched[0]['backlog']:,}",
-            sched[-1]["loop_cpu_ms"] / sched[0]["loop_cpu_ms"],
-            FLAT_TARGET,
-            "≤",
-            unit="×",
+            sched[0]["loop_cpu_ms"],
+            sched[-1]["loop_cpu_ms"],
         ),
-        Target(
+        _flat(
             f"asyncio.to_thread per call with {hops[-1]['tasks']:,} tasks alive ÷ with {hops[0]['tasks']:,}",
-            hops[-1]["asyncio_us"] / hops[0]["asyncio_us"],
-            FLAT_TARGET,
-            "≤",
-            unit="×",
+            hops[0]["asyncio_us"],
+            hops[-1]["asyncio_us"],
         ),
     ]
-    return targets
 
 
 def markdown(data: dict[str, Any]) -> str:

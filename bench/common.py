@@ -306,13 +306,20 @@ class CpuSnapshot:
         return max(0.0, others - TICK_SLACK_S) / (wall * CORES)
 
 
+def _own_tree() -> list[psutil.Process]:
+    """This process and every live descendant (Ray, its workers and replicas, SeaweedFS)."""
+    import psutil
+
+    me = psutil.Process()
+    return [me, *me.children(recursive=True)]
+
+
 def own_tree_cpu_s() -> float:
     """CPU seconds of this process and every live descendant (children that exited are not counted)."""
     import psutil
 
-    me = psutil.Process()
     total = 0.0
-    for process in [me, *me.children(recursive=True)]:
+    for process in _own_tree():
         try:
             times = process.cpu_times()
         except psutil.Error:  # exited meanwhile
@@ -353,9 +360,8 @@ def tree_cpu_s() -> dict[int, tuple[str, float]]:
     replica it runs, SeaweedFS): ``pid → (name, seconds)``."""
     import psutil
 
-    me = psutil.Process()
     readings = {}
-    for process in [me, *me.children(recursive=True)]:
+    for process in _own_tree():
         try:
             times = process.cpu_times()
             readings[process.pid] = (process_name(process), times.user + times.system)

@@ -146,10 +146,10 @@ class TenantRateLimiter:
         self.backend = backend
         self.replicas = max(1, replicas)
         self.breaker = CircuitBreaker(retry_s)
-        #: ("images", tenant, limit) → the decision that left that window with nothing: until its oldest
-        #: hit expires (``reset_at``) no request can pass, so :meth:`refuse_if_exhausted` refuses
-        #: without a store call or a parsed body (a flood over its limit then costs next to nothing).
-        self._exhausted: dict[tuple[str, str, int], RateDecision] = {}
+        #: (tenant, images per minute) → the decision that left that images window with nothing:
+        #: until its oldest hit expires (``reset_at``) no request can pass, so
+        #: :meth:`refuse_if_exhausted` refuses without a store call or a parsed body.
+        self._exhausted: dict[tuple[str, int], RateDecision] = {}
         #: This replica's own windows: the whole store on ``memory``, the fallback on ``redis``.
         self._local = strategies.MovingWindowRateLimiter(storage.MemoryStorage())
         self._shared: strategies.MovingWindowRateLimiter | None = None
@@ -188,14 +188,14 @@ class TenantRateLimiter:
         """The decision for one hit (an images window left empty is remembered until it frees up)."""
         decision = self._hit_store(kind, tenant_id, per_minute, cost, dial=dial)
         if kind == "images" and decision.remaining <= 0 and not decision.degraded:
-            self._exhausted[(kind, tenant_id, per_minute)] = decision
+            self._exhausted[(tenant_id, per_minute)] = decision
         return decision
 
     def refuse_if_exhausted(self, tenant_id: str, images_per_minute: int) -> None:
         """429 at once while the tenant's images window is known to be full: its last decision
         left nothing, and a moving window frees room only when its oldest hit expires. No store
         call, so a route can ask before it parses and validates the request."""
-        key = ("images", tenant_id, images_per_minute)
+        key = (tenant_id, images_per_minute)
         decision = self._exhausted.get(key)
         if decision is None:
             return
